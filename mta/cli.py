@@ -1,0 +1,297 @@
+"""The `mta` command line: serve, queue, user, dkim, config, --version.
+
+Every command loads the same configuration as the daemon (so it finds the
+same spool and data directory) and acts through the same code the daemon
+uses (`mta.spool`, `mta.users`), which makes it safe while the daemon runs.
+Exit codes: 0 success, 1 operation failed, 2 usage or configuration error
+with one line naming the key or argument; never a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import logging.handlers
+import os
+import sys
+
+from mta import __version__
+from mta import config as config_mod
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="configuration file (default: $MTA_CONFIG, then /etc/mta/mta.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mta", description="mta mail transfer agent")
+    parser.add_argument("--version", action="version", version=f"mta {__version__}")
+    _config_option(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    _config_option(serve)
+
+    queue = commands.add_parser("queue", help="inspect and manage the queue (mailq, postsuper)")
+    _config_option(queue)
+    queue_commands = queue.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
+    queue_commands.required = True
+    listing = queue_commands.add_parser("list", help="list queued messages")
+    listing.add_argument("--status", choices=["active", "deferred", "hold", "bounce"])
+    listing.add_argument("--json", action="store_true")
+    show = queue_commands.add_parser("show", help="print a queued message")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="print the envelope")
+    for action, text in (("delete", "remove a message"), ("hold", "put a message on hold"),
+                         ("release", "release a held message"), ("retry", "retry a message now")):
+        sub = queue_commands.add_parser(action, help=text)
+        sub.add_argument("id")
+        _config_option(sub)
+    for sub in (listing, show):
+        _config_option(sub)
+    flush = queue_commands.add_parser("flush", help="retry all deferred mail now")
+    _config_option(flush)
+    stats = queue_commands.add_parser("stats", help="counts by status, bytes, oldest age")
+    stats.add_argument("--json", action="store_true")
+    _config_option(stats)
+
+    user = commands.add_parser("user", help="manage SMTP AUTH users")
+    _config_option(user)
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", parser_class=_Parser)
+    user_commands.required = True
+    for action, text in (("add", "add a user"), ("del", "delete a user"), ("passwd", "change a password")):
+        sub = user_commands.add_parser(action, help=text)
+        sub.add_argument("name", help="full address, e.g. alice@example.com")
+        _config_option(sub)
+    user_list = user_commands.add_parser("list", help="list users")
+    user_list.add_argument("--json", action="store_true")
+    _config_option(user_list)
+
+    dkim = commands.add_parser("dkim", help="DKIM keys")
+    _config_option(dkim)
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", parser_class=_Parser)
+    dkim_commands.required = True
+    keygen = dkim_commands.add_parser("keygen", help="create a signing key, print the DNS record")
+    keygen.add_argument("--domain", required=True)
+    keygen.add_argument("--selector", default="mta")
+    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    _config_option(keygen)
+
+    cfg = commands.add_parser("config", help="check or show the effective configuration")
+    _config_option(cfg)
+    cfg_commands = cfg.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    cfg_commands.required = True
+    for action in ("check", "show"):
+        _config_option(cfg_commands.add_parser(action))
+    return parser
+
+
+def load_config(args) -> config_mod.Config:
+    try:
+        return config_mod.load(getattr(args, "config", None))
+    except config_mod.ConfigError as error:
+        raise CliError(f"configuration error: {error}", EXIT_USAGE) from None
+
+
+def _cli_logging(config) -> None:
+    """Operator actions are recorded in mta.log when it is writable."""
+    root = logging.getLogger("mta")
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    try:
+        from mta.logs import FORMAT, _IsoFormatter
+        handler = logging.handlers.WatchedFileHandler(os.path.join(config.log_dir, "mta.log"), encoding="utf-8")
+        handler.setFormatter(_IsoFormatter(FORMAT))
+        root.handlers[:] = [handler]
+    except OSError:
+        root.handlers[:] = [logging.NullHandler()]
+
+
+# --- queue ---
+
+def _spool(config):
+    from mta.spool import Spool
+    if not os.path.isdir(config.spool_dir):
+        raise CliError(f"spool_dir: no queue at {config.spool_dir} (has the daemon run?)")
+    return Spool(config.spool_dir, config.queue_min_free)
+
+
+def cmd_queue(args, config) -> int:
+    from mta.spool import NoSuchMessage, SpoolError
+    spool = _spool(config)
+    action = args.queue_command
+    try:
+        if action == "list":
+            items = spool.summaries()
+            if args.status:
+                items = [item for item in items if item["status"] == args.status]
+            if args.json:
+                print(json.dumps(items, indent=1, ensure_ascii=False))
+            else:
+                print_mailq(items)
+        elif action == "show":
+            entry = spool.find(args.id)
+            if entry is None:
+                raise NoSuchMessage(f"{args.id}: no such message in the queue")
+            if args.json:
+                data = spool.load(entry).to_dict()
+                data["status"] = entry.status
+                print(json.dumps(data, indent=1, ensure_ascii=False))
+            else:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(spool.read_message(entry).replace(b"\r\n", b"\n"))
+        elif action == "stats":
+            stats = spool.stats()
+            if args.json:
+                print(json.dumps(stats, indent=1))
+            else:
+                for status, count in stats["by_status"].items():
+                    print(f"{status:10} {count}")
+                print(f"{'bytes':10} {stats['bytes']}")
+                print(f"{'oldest':10} {stats['oldest_age_seconds']}s")
+        elif action == "flush":
+            print(f"{spool.flush()} deferred messages scheduled for delivery now")
+        else:
+            getattr(spool, action)(args.id)
+            print(f"{args.id}: {action} done")
+    except NoSuchMessage as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    except SpoolError as error:
+        raise CliError(str(error)) from None
+    return EXIT_OK
+
+
+def print_mailq(items: list[dict]) -> None:
+    """Postfix mailq layout: '*' marks active, '!' held."""
+    if not items:
+        print("Mail queue is empty")
+        return
+    print(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<25} -Sender/Recipient-------")
+    marks = {"active": "*", "hold": "!"}
+    total = 0
+    for item in items:
+        total += item["size"]
+        mark = marks.get(item["status"], " ")
+        print(f"{item['id'] + mark:<22} {item['size']:>8} {item['arrival']:<25} {item['sender'] or 'MAILER-DAEMON'}")
+        for recipient in item["recipients"]:
+            if recipient["last_error"] and recipient["status"] != "delivered":
+                print(f"{'':57}({recipient['last_error'][:200]})")
+            if recipient["status"] not in ("delivered",):
+                print(f"{'':57}{recipient['address']}")
+        print()
+    print(f"-- {max(1, total // 1024)} Kbytes in {len(items)} Request{'s' if len(items) != 1 else ''}.")
+
+
+# --- users ---
+
+def read_password(prompt: str = "Password: ") -> str:
+    """On a terminal, prompt twice; otherwise one line from stdin."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(prompt)
+        second = getpass.getpass("Again: ")
+        if first != second:
+            raise CliError("passwords do not match", EXIT_USAGE)
+        return first
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+def cmd_user(args, config) -> int:
+    from mta.users import NoSuchUser, UserError, UserExists, UserStore
+    store = UserStore(config.data_dir)
+    action = args.user_command
+    try:
+        if action == "list":
+            users = store.list()
+            if args.json:
+                print(json.dumps(users, indent=1))
+            else:
+                for user in users:
+                    print(user["username"])
+        elif action == "add":
+            print(f"added {store.add(args.name, read_password())}")
+        elif action == "passwd":
+            from mta.users import normalize_username
+            if not store.exists(normalize_username(args.name)):
+                raise NoSuchUser(f"no such user {args.name}")
+            print(f"changed password of {store.set_password(args.name, read_password())}")
+        elif action == "del":
+            print(f"deleted {store.delete(args.name)}")
+    except UserExists as error:
+        raise CliError(str(error)) from None
+    except NoSuchUser as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    except UserError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    except OSError as error:
+        raise CliError(f"data_dir: cannot write users file: {error.strerror}") from None
+    return EXIT_OK
+
+
+# --- dkim ---
+
+def cmd_dkim(args, config) -> int:
+    from mta.policy import dkim_keys
+    try:
+        record = dkim_keys.keygen(config.data_dir, args.domain, args.selector, args.algorithm)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    except FileExistsError as error:
+        raise CliError(str(error)) from None
+    print(record)
+    return EXIT_OK
+
+
+# --- config ---
+
+def cmd_config(args, config) -> int:
+    if args.config_command == "check":
+        print(f"configuration ok{' (' + config.source + ')' if config.source else ' (built-in defaults)'}")
+    else:
+        for name, value in config.shown().items():
+            print(f"{name} = {json.dumps(value, ensure_ascii=False)}")
+    return EXIT_OK
+
+
+def cmd_serve(args, config) -> int:
+    from mta.main import StartupError, serve
+    try:
+        return serve(config)
+    except StartupError as error:
+        raise CliError(str(error), error.exit_code) from None
+
+
+HANDLERS = {"serve": cmd_serve, "queue": cmd_queue, "user": cmd_user, "dkim": cmd_dkim, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args)
+        if args.command != "serve":
+            _cli_logging(config)
+        return HANDLERS[args.command](args, config)
+    except CliError as error:
+        print(f"mta: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK

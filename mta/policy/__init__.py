@@ -1,0 +1,1 @@
+"""The policy layer: each module answers one question (accept, defer, reject)."""

@@ -1,0 +1,64 @@
+"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync dir.
+
+Every durable file mta writes (spool envelopes, users.json, policy.json,
+keys, Maildir messages) goes through here, so a crash leaves either the old
+file or the new one, never a torn one. Nothing edits a file in place after
+it has been renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o640, *, sync_dir: bool = True) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    directory = os.path.dirname(path) or "."
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(temp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    if sync_dir:
+        fsync_dir(directory)
+
+
+def write_json(path: str, value: Any, mode: int = 0o640, *, sync_dir: bool = True) -> None:
+    data = json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+    atomic_write(path, data, mode, sync_dir=sync_dir)
+
+
+def read_json(path: str) -> Any:
+    with open(path, "rb") as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,133 @@
+"""Message content: the DATA and BDAT readers and the checks on what they read.
+
+DATA (RFC 5321 4.1.1.4, 4.5.2): the message ends at CRLF.CRLF and nowhere
+else. A bare LF or bare CR anywhere is never a line end that could end the
+message; the message is read to the real end and then refused, as Postfix's
+smtpd_forbid_bare_newline does (SMTP smuggling, SEC Consult 2023,
+CVE-2023-51764). Lines starting with a dot are unstuffed (4.5.2).
+
+BDAT (RFC 3030): exactly the announced number of octets, even when the
+command itself is refused, so the session stays in step.
+
+Both stream into the spool as they read: memory per session is bounded by
+one read buffer and one text line (1000 octets, 4.5.3.1.6), whatever the
+message size. Errors are recorded, not raised; the first one wins and is
+answered after the end of the message.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Callable
+
+from mta import replies
+from mta.replies import Reply
+
+MAX_LINE = 1000          # RFC 5321 4.5.3.1.6, including CRLF
+READ_CHUNK = 65536
+MAX_HOPS = 100           # RFC 5321 6.3: more Received: headers is a loop
+
+
+class ClientGone(Exception):
+    """The client closed the connection in the middle of a message."""
+
+
+class Content:
+    """Checks and stores message content, one line at a time."""
+
+    def __init__(self, write: Callable[[bytes], None], max_size: int):
+        self._write = write
+        self.max_size = max_size
+        self.size = 0
+        self.error: Reply | None = None
+        self.received_headers = 0
+        self.in_headers = True
+        self._partial = b""   # BDAT: a line split across chunks
+
+    def _fail(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+
+    def line(self, segment: bytes, at_line_start: bool, complete: bool) -> None:
+        """`segment` is a complete line with its LF, or a piece of an over-long one."""
+        self.size += len(segment)
+        if self.error is not None:
+            return
+        if complete:
+            # SMTP smuggling defence: only CRLF ends a line (RFC 5321 2.3.8).
+            if segment.count(b"\r") != 1 or not segment.endswith(b"\r\n"):
+                self._fail(replies.BARE_NEWLINE)
+                return
+            if len(segment) > MAX_LINE:
+                self._fail(replies.TEXT_LINE_TOO_LONG)
+                return
+        else:
+            self._fail(replies.TEXT_LINE_TOO_LONG)
+            return
+        if b"\0" in segment:
+            self._fail(replies.NUL_IN_CONTENT)
+            return
+        if self.size > self.max_size:
+            self._fail(replies.MESSAGE_TOO_BIG)
+            return
+        if self.in_headers and at_line_start:
+            if segment == b"\r\n":
+                self.in_headers = False
+            elif segment[:9].lower() == b"received:":
+                self.received_headers += 1
+                if self.received_headers > MAX_HOPS:
+                    self._fail(replies.TOO_MANY_HOPS)
+                    return
+        try:
+            self._write(segment)
+        except OSError:
+            self._fail(replies.INSUFFICIENT_STORAGE)
+
+    def chunk(self, data: bytes) -> None:
+        """BDAT: arbitrary octets; lines may span chunks."""
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for item in lines:
+            self.line(item + b"\n", True, True)
+        if len(self._partial) > MAX_LINE:
+            self.line(self._partial, True, False)
+            self._partial = b""
+
+    def finish_chunks(self) -> None:
+        """BDAT LAST: a final line without CRLF is completed (RFC 5322 2.1)."""
+        if self._partial:
+            if b"\r" in self._partial:
+                self._fail(replies.BARE_NEWLINE)
+            self.line(self._partial + b"\r\n", True, True)
+            self.size -= 2
+            self._partial = b""
+
+
+def read_data(reader: BinaryIO, content: Content) -> None:
+    """Read DATA content up to CRLF.CRLF into `content` (RFC 5321 4.1.1.4)."""
+    at_line_start = True
+    readline = reader.readline
+    while True:
+        segment = readline(MAX_LINE + 1)
+        if not segment:
+            raise ClientGone()
+        if at_line_start:
+            if segment == b".\r\n":
+                return
+            if segment[:1] == b".":
+                segment = segment[1:]   # RFC 5321 4.5.2 transparency
+        complete = segment[-1:] == b"\n"
+        content.line(segment, at_line_start, complete)
+        at_line_start = complete
+
+
+def read_chunk(reader: BinaryIO, size: int, sink: Callable[[bytes], None] | None) -> None:
+    """Read exactly `size` octets of a BDAT chunk (RFC 3030 2), feeding `sink`."""
+    remaining = size
+    while remaining:
+        data = reader.read(min(remaining, READ_CHUNK))
+        if not data:
+            raise ClientGone()
+        remaining -= len(data)
+        if sink is not None:
+            sink(data)

@@ -1,0 +1,157 @@
+"""SMTP AUTH users: `MTA_DATA_DIR/users.json`, bcrypt hashes only.
+
+Owns the users file: reading it (re-read when its mtime changes, so `mta
+user` and the admin API take effect without a restart), verifying passwords
+and changing users with atomic writes. Usernames are full addresses,
+compared case-insensitively. The file never holds a plaintext password.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import bcrypt
+
+from mta import safeio
+from mta.address import AddressError, parse_mailbox
+from mta.spool.envelope import now_iso
+
+USERS_FILE = "users.json"
+VERSION = 1
+MAX_PASSWORD = 1024
+# bcrypt hashes only the first 72 bytes; a dummy hash keeps the timing of
+# unknown users the same as known ones (no user enumeration by timing).
+_DUMMY_HASH = bcrypt.hashpw(b"dummy password", bcrypt.gensalt(rounds=12))
+
+
+class UserError(ValueError):
+    """Bad username or password, or a conflicting change."""
+
+
+class UserExists(UserError):
+    pass
+
+
+class NoSuchUser(UserError):
+    pass
+
+
+def normalize_username(name: str) -> str:
+    name = (name or "").strip()
+    try:
+        mailbox = parse_mailbox(name)
+    except AddressError as error:
+        raise UserError(f"username must be a full address (alice@example.com): {error}") from None
+    if mailbox.local.startswith('"'):
+        raise UserError("username must not be a quoted local part")
+    return mailbox.key
+
+
+def _check_password(password: str) -> bytes:
+    if not isinstance(password, str) or not password:
+        raise UserError("password must not be empty")
+    if "\n" in password or "\r" in password or "\0" in password:
+        raise UserError("password must be one line without NUL")
+    data = password.encode("utf-8")
+    if len(data) > MAX_PASSWORD:
+        raise UserError("password too long")
+    return data
+
+
+def _digest_input(data: bytes) -> bytes:
+    # bcrypt ignores bytes past 72; pre-hash long passwords so all of it counts.
+    if len(data) <= 72:
+        return data
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.sha256(data).digest())
+
+
+class UserStore:
+    def __init__(self, data_dir: str, rounds: int = 12):
+        self.path = os.path.join(data_dir, USERS_FILE)
+        self.rounds = rounds
+        self._lock = threading.Lock()
+        self._users: dict[str, dict] = {}
+        self._mtime: int | None = None
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            self._users, self._mtime = {}, None
+            return self._users
+        if mtime != self._mtime:
+            data = safeio.read_json(self.path)
+            if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("users"), dict):
+                raise UserError(f"{self.path}: unknown format")
+            self._users, self._mtime = data["users"], mtime
+        return self._users
+
+    def users(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._load())
+
+    def exists(self, username: str) -> bool:
+        try:
+            key = normalize_username(username)
+        except UserError:
+            return False
+        return key in self.users()
+
+    def list(self) -> list[dict]:
+        return [{"username": name, "created": info.get("created")} for name, info in sorted(self.users().items())]
+
+    def verify(self, username: str, password: str) -> bool:
+        """Constant work whether or not the user exists."""
+        try:
+            key = normalize_username(username)
+            data = _check_password(password)
+        except UserError:
+            key, data = "", b"x"
+        record = self.users().get(key)
+        hashed = record["hash"].encode("ascii") if record else _DUMMY_HASH
+        ok = bcrypt.checkpw(_digest_input(data), hashed)
+        return ok and record is not None
+
+    def _write(self, users: dict[str, dict]) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+        safeio.write_json(self.path, {"version": VERSION, "users": users}, mode=0o640)
+        self._users, self._mtime = users, os.stat(self.path).st_mtime_ns
+
+    def _hash(self, password: str) -> str:
+        data = _digest_input(_check_password(password))
+        return bcrypt.hashpw(data, bcrypt.gensalt(rounds=self.rounds)).decode("ascii")
+
+    def add(self, username: str, password: str) -> str:
+        key = normalize_username(username)
+        hashed = self._hash(password)
+        with self._lock:
+            users = dict(self._load())
+            if key in users:
+                raise UserExists(f"user {key} already exists")
+            users[key] = {"hash": hashed, "created": now_iso()}
+            self._write(users)
+        return key
+
+    def set_password(self, username: str, password: str) -> str:
+        key = normalize_username(username)
+        hashed = self._hash(password)
+        with self._lock:
+            users = dict(self._load())
+            if key not in users:
+                raise NoSuchUser(f"no such user {key}")
+            users[key] = {**users[key], "hash": hashed, "changed": now_iso()}
+            self._write(users)
+        return key
+
+    def delete(self, username: str) -> str:
+        key = normalize_username(username)
+        with self._lock:
+            users = dict(self._load())
+            if key not in users:
+                raise NoSuchUser(f"no such user {key}")
+            del users[key]
+            self._write(users)
+        return key
