@@ -1,0 +1,1 @@
+"""Delivery: the scheduler, the worker pool and the couriers (SMTP, local)."""
