@@ -201,6 +201,9 @@ KEYS: tuple[Key, ...] = (
     Key("rate_limit_domain", _parse_int, 1000, "messages/hour per sender domain"),
     Key("max_queue_age", _parse_int, 604_800, "seconds before undeliverable mail bounces"),
     Key("delay_warning_time", _parse_int, 14_400, "seconds before a delay DSN (0 disables)"),
+    Key("backoff_min", _parse_int, 300, "seconds before the first retry (Postfix minimal_backoff_time)"),
+    Key("backoff_max", _parse_int, 4000, "longest wait between retries (Postfix maximal_backoff_time)"),
+    Key("smtp_client_timeout", _parse_int, 300, "outbound SMTP reply timeout, RFC 5321 4.5.3.2"),
     Key("delivery_workers", _parse_int, 10, "concurrent outbound deliveries; 0 pauses delivery"),
     Key("relayhost", _parse_relayhost, "", "smarthost host[:port]; [host] skips MX lookup"),
     Key("dns_nameservers", _parse_nameservers, (), "resolvers ip[:port] (default: resolv.conf)"),
@@ -256,6 +259,9 @@ class Config:
     rate_limit_domain: int
     max_queue_age: int
     delay_warning_time: int
+    backoff_min: int
+    backoff_max: int
+    smtp_client_timeout: int
     delivery_workers: int
     relayhost: str
     dns_nameservers: tuple[str, ...]

@@ -20,6 +20,7 @@ import threading
 from mta import aliases as aliases_mod
 from mta import config as config_mod
 from mta import logs
+from mta.policy.lists import PolicyStore
 from mta.smtp import server as smtp_server
 from mta.smtp.auth import Lockout
 from mta.smtp.tls import TlsProvider
@@ -93,6 +94,13 @@ def drop_privileges(config) -> None:
     log.info("dropped privileges to %s (uid %d)", config.user, account.pw_uid)
 
 
+def make_local_courier(config):
+    from mta.delivery.local import LmtpCourier, MaildirCourier
+    if config.lmtp:
+        return LmtpCourier(config.lmtp, config.hostname)
+    return MaildirCourier(config.mailbox_dir)
+
+
 class Daemon:
     def __init__(self, config):
         self.config = config
@@ -111,20 +119,43 @@ class Daemon:
         tls = load_tls(config)
         self.admin_token = ensure_admin_token(config)
         lockout = Lockout(config.auth_lockout_failures, config.auth_lockout_window, config.auth_lockout_duration)
+        self.policy = PolicyStore(config.data_dir)
         self.smtp = smtp_server.SmtpContext(config=config, spool=self.spool, users=self.users,
-                                            aliases=aliases, lockout=lockout, tls=tls)
+                                            aliases=aliases, lockout=lockout, policy=self.policy, tls=tls)
         try:
             self.listeners = smtp_server.open_listeners(config, self.smtp)
         except OSError as error:
             raise StartupError(str(error.strerror or error)) from None
         drop_privileges(config)
+        self.build_delivery()
         log.info("mta started: hostname=%s domains=%s, %d messages queued, listening on %s",
                  config.hostname, ",".join(sorted(config.all_local_domains)), queued,
                  ", ".join(f"{lst.mode}={lst.server_address[0]}:{lst.port}" for lst in self.listeners))
 
+    def build_delivery(self) -> None:
+        """Scheduler + worker pool; with MTA_DELIVERY_WORKERS=0 mail just queues."""
+        from mta.delivery.scheduler import Scheduler
+        config = self.config
+        self.scheduler = Scheduler(self.spool)
+        self.pool = None
+        if config.delivery_workers <= 0:
+            log.info("delivery paused (delivery_workers = 0): mail stays queued")
+            return
+        from mta.delivery.pool import Deliverer, DeliveryPool
+        from mta.delivery.smtp_client import SmtpClient
+        from mta.dns import Resolver
+        self.resolver = Resolver(config.dns_nameservers)
+        smtp_client = SmtpClient(config.hostname, self.resolver, port=config.smtp_port,
+                                 relayhost=config.relayhost, timeout=config.smtp_client_timeout)
+        deliverer = Deliverer(self.smtp, self.scheduler, smtp_client, make_local_courier(config))
+        self.pool = DeliveryPool(config.delivery_workers, self.scheduler, deliverer)
+        self.spool.add_listener(self.scheduler.notify)
+
     def start(self) -> None:
         for listener in self.listeners:
             listener.start()
+        if self.pool is not None:
+            self.pool.start()
 
     def reload(self) -> None:
         """SIGHUP: new configuration, aliases, users, certificate; keep sessions."""
@@ -150,6 +181,8 @@ class Daemon:
     def stop(self) -> None:
         log.info("stopping: no new connections, finishing sessions")
         smtp_server.stop(self.listeners, self.smtp)
+        if self.pool is not None:
+            self.pool.stop()
         log.info("mta stopped")
 
     def run_forever(self) -> None:

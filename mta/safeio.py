@@ -62,3 +62,22 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+class FileLock:
+    """An exclusive flock on `path + ".lock"`, for read-modify-write of a
+    shared file by several processes (the daemon, `mta`, the admin API)."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+        self.fd = -1
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+        self.fd = -1

@@ -20,9 +20,6 @@ from mta.spool.envelope import now_iso
 USERS_FILE = "users.json"
 VERSION = 1
 MAX_PASSWORD = 1024
-# bcrypt hashes only the first 72 bytes; a dummy hash keeps the timing of
-# unknown users the same as known ones (no user enumeration by timing).
-_DUMMY_HASH = bcrypt.hashpw(b"dummy password", bcrypt.gensalt(rounds=12))
 
 
 class UserError(ValueError):
@@ -75,6 +72,14 @@ class UserStore:
         self._lock = threading.Lock()
         self._users: dict[str, dict] = {}
         self._mtime: int | None = None
+        self._dummy_hash: bytes | None = None
+
+    def _dummy(self) -> bytes:
+        # Checking unknown users against a dummy hash keeps their timing the
+        # same as known ones (no user enumeration by timing).
+        if self._dummy_hash is None:
+            self._dummy_hash = bcrypt.hashpw(b"dummy password", bcrypt.gensalt(rounds=self.rounds))
+        return self._dummy_hash
 
     def _load(self) -> dict[str, dict]:
         try:
@@ -111,9 +116,13 @@ class UserStore:
         except UserError:
             key, data = "", b"x"
         record = self.users().get(key)
-        hashed = record["hash"].encode("ascii") if record else _DUMMY_HASH
+        hashed = record["hash"].encode("ascii") if record else self._dummy()
         ok = bcrypt.checkpw(_digest_input(data), hashed)
         return ok and record is not None
+
+    def _file_lock(self) -> safeio.FileLock:
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+        return safeio.FileLock(self.path)
 
     def _write(self, users: dict[str, dict]) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
@@ -127,7 +136,7 @@ class UserStore:
     def add(self, username: str, password: str) -> str:
         key = normalize_username(username)
         hashed = self._hash(password)
-        with self._lock:
+        with self._lock, self._file_lock():
             users = dict(self._load())
             if key in users:
                 raise UserExists(f"user {key} already exists")
@@ -138,7 +147,7 @@ class UserStore:
     def set_password(self, username: str, password: str) -> str:
         key = normalize_username(username)
         hashed = self._hash(password)
-        with self._lock:
+        with self._lock, self._file_lock():
             users = dict(self._load())
             if key not in users:
                 raise NoSuchUser(f"no such user {key}")
@@ -148,7 +157,7 @@ class UserStore:
 
     def delete(self, username: str) -> str:
         key = normalize_username(username)
-        with self._lock:
+        with self._lock, self._file_lock():
             users = dict(self._load())
             if key not in users:
                 raise NoSuchUser(f"no such user {key}")

@@ -87,8 +87,8 @@ def parse_mail_params(text: str) -> MailParams:
             result.size = int(value)
         elif keyword == "BODY":
             upper = (value or "").upper()
-            if upper not in ("7BIT", "8BITMIME"):
-                raise _unsupported(f"unsupported BODY type {value!r}")
+            if upper not in ("7BIT", "8BITMIME"):   # BINARYMIME is not offered
+                raise _bad(f"bad BODY keyword {value!r} (RFC 6152)")
             result.body = upper
         elif keyword == "SMTPUTF8":
             if value is not None:

@@ -73,6 +73,7 @@ class SmtpContext:
     users: object
     aliases: object
     lockout: object
+    policy: object
     tls: object = None
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     stopping: threading.Event = field(default_factory=threading.Event)

@@ -19,11 +19,11 @@ import ipaddress
 import logging
 import socket
 import ssl
-import time
 from dataclasses import dataclass, field
 
 from mta import metrics, replies
 from mta.address import AddressError, Mailbox, parse_path, split_path_and_params
+from mta.policy.lists import BLACK, WHITE
 from mta.replies import Reply
 from mta.smtp import auth as sasl
 from mta.smtp.data import ClientGone, Content, read_chunk, read_data
@@ -88,6 +88,7 @@ class Session:
         self.errors = 0
         self.idle = True          # waiting for a command outside a transaction
         self.masking = False      # transcript hides AUTH exchanges
+        self.whitelisted = False  # skips greylisting, RBL and rate limits
         self.verbs = {name[5:].upper(): getattr(self, name) for name in dir(self) if name.startswith("smtp_")}
 
     # --- the connection ---
@@ -487,11 +488,30 @@ class Session:
         if not self.ctx.spool.has_room(params.size or 0):
             log.warning("spool disk nearly full: refusing mail from %s", self.label)
             return replies.INSUFFICIENT_STORAGE
+        refusal = self._check_lists(sender)
+        if refusal is not None:
+            return refusal
         if self.auth_user and self.config.sender_login_check and sender is not None \
                 and not self._owns(sender):
             return self.reject(replies.SENDER_NOT_OWNED.fmt(address=sender, user=self.auth_user), "MAIL", "sender_login")
         self.transaction = Transaction(sender, params)
         return replies.SENDER_OK
+
+    def _check_lists(self, sender: Mailbox | None) -> Reply | None:
+        """Black/white lists (policy.json), read fresh for every MAIL."""
+        policy = self.ctx.policy
+        client = policy.client_status(self.client_ip)
+        by_sender = policy.sender_status(sender.key if sender is not None else "")
+        self.whitelisted = WHITE in (client, by_sender)
+        if self.whitelisted:
+            return None
+        if client == BLACK:
+            return self.reject(replies.BLOCKED.fmt(detail=f"<{self.label}>: Client host rejected: Access denied"),
+                               "MAIL", "blacklist")
+        if by_sender == BLACK:
+            return self.reject(replies.BLOCKED.fmt(detail=f"<{sender}>: Sender address rejected: Access denied"),
+                               "MAIL", "blacklist")
+        return None
 
     def _owns(self, sender: Mailbox) -> bool:
         """An authenticated user may send as their login or an alias of it."""

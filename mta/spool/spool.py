@@ -204,6 +204,17 @@ class Spool:
     def new_message(self) -> IncomingMessage:
         return IncomingMessage(self)
 
+    def inject(self, data: bytes, envelope: Envelope) -> Entry:
+        """Queue a message made here (a DSN): same commit path as SMTP."""
+        message = self.new_message()
+        try:
+            message.write(data)
+            envelope.size = len(data)
+            return message.commit(envelope)
+        except BaseException:
+            message.abort()
+            raise
+
     def add_listener(self, callback) -> None:
         """`callback(queue_id)` runs after each commit (the scheduler's wake-up)."""
         self._listeners.append(callback)
