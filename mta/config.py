@@ -188,6 +188,7 @@ KEYS: tuple[Key, ...] = (
     Key("port_admin", _parse_port, 8080, "admin API port (0 disables)"),
     Key("admin_address", _parse_ip_list, ("127.0.0.1",), "admin API bind address"),
     Key("admin_token", _parse_str, "", "admin API bearer token (default: generated)"),
+    Key("admin_protect_metrics", _parse_bool, False, "require the admin token on /api/metrics too"),
     Key("max_message_size", _parse_int, 35_000_000, "bytes, advertised in SIZE"),
     Key("max_recipients", _parse_int, 100, "recipients per transaction"),
     Key("tls_cert", _parse_existing_file, "", "PEM certificate (default: self-signed, generated)"),
@@ -218,6 +219,7 @@ KEYS: tuple[Key, ...] = (
     Key("rbl_enabled", _parse_bool, False, "check DNSBLs"),
     Key("greylist_enabled", _parse_bool, False, "greylisting"),
     Key("rbl_zones", _parse_domains, (), "DNSBL zones"),
+    Key("greylist_delay", _parse_int, 300, "seconds a greylisted triplet must wait before a retry passes"),
     Key("spf_reject_fail", _parse_bool, True, "reject SPF fail with 550 5.7.23"),
     Key("dmarc_enforce", _parse_bool, True, "reject DMARC p=reject failures"),
     Key("smtp_timeout", _parse_int, 300, "idle seconds before 421"),
@@ -246,6 +248,7 @@ class Config:
     port_admin: int
     admin_address: tuple[str, ...]
     admin_token: str
+    admin_protect_metrics: bool
     max_message_size: int
     max_recipients: int
     tls_cert: str
@@ -276,6 +279,7 @@ class Config:
     rbl_enabled: bool
     greylist_enabled: bool
     rbl_zones: tuple[str, ...]
+    greylist_delay: int
     spf_reject_fail: bool
     dmarc_enforce: bool
     smtp_timeout: int

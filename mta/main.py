@@ -16,11 +16,16 @@ import pwd
 import secrets
 import signal
 import threading
+import time
 
 from mta import aliases as aliases_mod
 from mta import config as config_mod
 from mta import logs
+from mta.dns import Resolver
+from mta.policy.dmarc import PslHolder
+from mta.policy.greylist import Greylist
 from mta.policy.lists import PolicyStore
+from mta.policy.ratelimit import RateLimiter
 from mta.smtp import server as smtp_server
 from mta.smtp.auth import Lockout
 from mta.smtp.tls import TlsProvider
@@ -28,6 +33,8 @@ from mta.spool import Spool
 from mta.users import UserStore
 
 log = logging.getLogger("mta.main")
+
+HOUSEKEEPING_INTERVAL = 30.0   # seconds between greylist expiry/persistence
 
 
 class StartupError(Exception):
@@ -120,8 +127,13 @@ class Daemon:
         self.admin_token = ensure_admin_token(config)
         lockout = Lockout(config.auth_lockout_failures, config.auth_lockout_window, config.auth_lockout_duration)
         self.policy = PolicyStore(config.data_dir)
+        self.resolver = Resolver(config.dns_nameservers)
+        self.ratelimiter = RateLimiter()
+        self.greylist = Greylist(config.data_dir, config.greylist_delay)
         self.smtp = smtp_server.SmtpContext(config=config, spool=self.spool, users=self.users,
-                                            aliases=aliases, lockout=lockout, policy=self.policy, tls=tls)
+                                            aliases=aliases, lockout=lockout, policy=self.policy,
+                                            resolver=self.resolver, ratelimiter=self.ratelimiter,
+                                            greylist=self.greylist, psl=PslHolder(), tls=tls)
         try:
             self.listeners = smtp_server.open_listeners(config, self.smtp)
         except OSError as error:
@@ -143,8 +155,6 @@ class Daemon:
             return
         from mta.delivery.pool import Deliverer, DeliveryPool
         from mta.delivery.smtp_client import SmtpClient
-        from mta.dns import Resolver
-        self.resolver = Resolver(config.dns_nameservers)
         smtp_client = SmtpClient(config.hostname, self.resolver, port=config.smtp_port,
                                  relayhost=config.relayhost, timeout=config.smtp_client_timeout)
         deliverer = Deliverer(self.smtp, self.scheduler, smtp_client, make_local_courier(config))
@@ -173,6 +183,7 @@ class Daemon:
         self.smtp.lockout.configure(config.auth_lockout_failures, config.auth_lockout_window,
                                     config.auth_lockout_duration)
         self.spool.min_free = config.queue_min_free
+        self.greylist.delay = config.greylist_delay
         self.smtp.aliases = aliases
         self.smtp.config = config
         self.config = config
@@ -186,13 +197,19 @@ class Daemon:
         log.info("mta stopped")
 
     def run_forever(self) -> None:
+        last_housekeeping = time.monotonic()
         while not self.stop_requested.is_set():
             self.wake.wait(1.0)
             self.wake.clear()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_INTERVAL:
+                last_housekeeping = time.monotonic()
+                self.greylist.expire()
+                self.greylist.save()
         self.stop()
+        self.greylist.save()
 
 
 def serve(config) -> int:

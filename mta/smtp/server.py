@@ -74,6 +74,10 @@ class SmtpContext:
     aliases: object
     lockout: object
     policy: object
+    resolver: object = None
+    ratelimiter: object = None
+    greylist: object = None
+    psl: object = None
     tls: object = None
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     stopping: threading.Event = field(default_factory=threading.Event)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from dataclasses import dataclass, field
 
 from mta import metrics, replies
 from mta.address import AddressError, Mailbox, parse_path, split_path_and_params
+from mta.policy import dkim, dmarc, rbl, spf
 from mta.policy.lists import BLACK, WHITE
 from mta.replies import Reply
 from mta.smtp import auth as sasl
@@ -54,6 +56,7 @@ class Transaction:
     message: IncomingMessage | None = None   # set once DATA/BDAT starts
     content: Content | None = None
     bdat_error: Reply | None = None
+    spf: object = None                        # SpfResult for inbound mail
 
     @property
     def sender_text(self) -> str:
@@ -89,6 +92,7 @@ class Session:
         self.idle = True          # waiting for a command outside a transaction
         self.masking = False      # transcript hides AUTH exchanges
         self.whitelisted = False  # skips greylisting, RBL and rate limits
+        self.blocked: Reply | None = None   # DNSBL listing: only QUIT is served
         self.verbs = {name[5:].upper(): getattr(self, name) for name in dir(self) if name.startswith("smtp_")}
 
     # --- the connection ---
@@ -127,7 +131,12 @@ class Session:
         if self.mode == "submissions":
             self._start_tls()   # RFC 8314 3.3: TLS before the greeting
         self.reader = self.sock.makefile("rb", buffering=65536)
-        self._write(replies.GREETING.fmt(hostname=self.config.hostname))
+        self.blocked = self._check_rbl()
+        if self.blocked is not None:
+            # RFC 5321 3.1: a 554 greeting, then 503 to everything but QUIT.
+            self._write(self.blocked)
+        else:
+            self._write(replies.GREETING.fmt(hostname=self.config.hostname))
         while True:
             self.idle = self.transaction is None
             if self.ctx.stopping.is_set() and self.idle:
@@ -252,6 +261,8 @@ class Session:
         handler = self.verbs.get(verb)
         if handler is None:
             return replies.UNKNOWN_COMMAND
+        if self.blocked is not None and verb != "QUIT":
+            return replies.SEND_QUIT
         return handler(argument.strip(" ") if argument else "")
 
     # --- connection-level verbs ---
@@ -491,11 +502,52 @@ class Session:
         refusal = self._check_lists(sender)
         if refusal is not None:
             return refusal
+        if not self.whitelisted:
+            refusal = self._check_rate(sender)
+            if refusal is not None:
+                return refusal
+        spf_result = None
+        if self.config.spf_enabled and not self._trusted():
+            spf_result = spf.check(self.ctx.resolver, self.client_ip, "" if sender is None else str(sender),
+                                   self.helo, self.config.hostname)
+            if spf_result.result == "fail" and self.config.spf_reject_fail and not self.whitelisted:
+                return self.reject(replies.SPF_FAIL.fmt(sender=sender or "", detail=spf_result.explanation
+                                                        or "not permitted"), "MAIL", "spf")
         if self.auth_user and self.config.sender_login_check and sender is not None \
                 and not self._owns(sender):
             return self.reject(replies.SENDER_NOT_OWNED.fmt(address=sender, user=self.auth_user), "MAIL", "sender_login")
-        self.transaction = Transaction(sender, params)
+        self.transaction = Transaction(sender, params, spf=spf_result)
         return replies.SENDER_OK
+
+    def _trusted(self) -> bool:
+        """Authenticated or MTA_MYNETWORKS: outbound mail, not checked as inbound."""
+        return self.auth_user is not None or self.config.in_mynetworks(self.client_ip)
+
+    def _check_rbl(self) -> Reply | None:
+        """DNSBL at connect (RFC 5782); whitelisted and trusted clients skip it."""
+        config = self.config
+        if not (config.rbl_enabled and config.rbl_zones) or self.config.in_mynetworks(self.client_ip):
+            return None
+        if self.ctx.policy.client_status(self.client_ip) == WHITE:
+            return None
+        listed = rbl.check(self.ctx.resolver, self.client_ip, config.rbl_zones)
+        if listed is not None:
+            self.reject(listed, "CONNECT", "rbl")
+        return listed
+
+    def _check_rate(self, sender: Mailbox | None) -> Reply | None:
+        """Token buckets per client IP, user and sender domain (450 4.7.1)."""
+        config = self.config
+        domain = sender.key.rpartition("@")[2] if sender is not None else ""
+        limited = self.ctx.ratelimiter.check([
+            ("ip", self.client_ip, config.rate_limit_ip),
+            ("user", self.auth_user or "", config.rate_limit_user),
+            ("domain", domain, config.rate_limit_domain),
+        ])
+        if limited is not None:
+            log.warning("rate limit: %s from %s", limited.text, self.label)
+            return self.reject(limited, "MAIL", "ratelimit")
+        return None
 
     def _check_lists(self, sender: Mailbox | None) -> Reply | None:
         """Black/white lists (policy.json), read fresh for every MAIL."""
@@ -553,6 +605,11 @@ class Session:
             mailbox = Mailbox("postmaster", self.config.domain)
         address = str(mailbox)
         refusal = self._check_recipient(mailbox)
+        if refusal is None and self.config.greylist_enabled and not self.whitelisted and not self._trusted():
+            refusal = self.ctx.greylist.check(self.client_ip, tx.sender_text, address)
+            if refusal is not None:
+                log.info("greylisted: %s from %s to %s", self.label, tx.sender_text or "<>", address)
+                metrics.MESSAGES_REJECTED.labels(reason="greylist").inc()
         if refusal is not None:
             return refusal
         if all(r.address.lower() != address.lower() for r in tx.recipients):
@@ -677,6 +734,15 @@ class Session:
             tx.abort()
             reason = {550: "content", 552: "size", 554: "loop", 452: "storage"}.get(content.error.code, "content")
             return self.reject(content.error, "END-OF-MESSAGE", reason)
+        try:
+            refusal = self._authenticate(tx, content)
+        except OSError as error:
+            tx.abort()
+            log.error("%s: cannot rewrite queue file: %s", tx.message.id, error)
+            return replies.LOCAL_ERROR
+        if refusal is not None:
+            tx.abort()
+            return refusal
         envelope = Envelope(
             id=tx.message.id, sender=tx.sender_text, recipients=tx.recipients, size=content.size,
             body=tx.params.body, smtputf8=tx.params.smtputf8, declared_size=tx.params.size,
@@ -695,6 +761,67 @@ class Session:
                  f", sasl_username={self.auth_user}" if self.auth_user else "",
                  envelope.sender, envelope.size, len(envelope.recipients))
         return replies.QUEUED.fmt(queue_id=entry.id)
+
+
+    def _authenticate(self, tx: Transaction, content: Content) -> Reply | None:
+        """End of data: SPF/DKIM/DMARC results for inbound mail (one
+        Authentication-Results header, RFC 8601), DKIM signing for outbound
+        mail; DMARC p=reject failures are refused (RFC 7489 6.7)."""
+        config = self.config
+        trusted = self._trusted()
+        verify = not trusted and (config.spf_enabled or config.dkim_enabled or config.dmarc_enabled)
+        signing = trusted and config.dkim_enabled
+        if not verify and not signing:
+            return None
+        small = content.size <= dkim.MAX_DKIM_SIZE
+        message = self._read_back(tx) if small and (signing or config.dkim_enabled or config.dmarc_enabled) else None
+        headers = _header_fields(message) if message is not None else []
+        prefix = b""
+        if verify:
+            dkim_results = dkim.verify(self.ctx.resolver, message) if config.dkim_enabled and message else []
+            dmarc_result = None
+            if config.dmarc_enabled and message is not None:
+                dmarc_result = dmarc.check(self.ctx.resolver, self.ctx.psl.get(), headers, tx.spf, dkim_results)
+                if dmarc_result.result == "fail" and dmarc_result.policy == "reject" and config.dmarc_enforce \
+                        and not self.whitelisted:
+                    return self.reject(replies.DMARC_REJECT.fmt(domain=dmarc_result.from_domain),
+                                       "END-OF-MESSAGE", "dmarc")
+            text = dmarc.authentication_results(config.hostname, tx.spf if config.spf_enabled else None,
+                                                dkim_results if config.dkim_enabled else None, dmarc_result)
+            prefix = text.encode("utf-8")
+            if tx.spf is not None:
+                prefix += tx.spf.received_spf(config.hostname).encode("utf-8")
+            tx.message.prepend(prefix, drop_authres_for=config.hostname)
+        elif message is not None:
+            domain = dmarc.from_domain(headers)
+            key = dkim.find_key(config.data_dir, domain) if domain else None
+            if key is not None:
+                try:
+                    signature = dkim.sign(message, *key)
+                except Exception as error:   # a bad key must not lose the message
+                    log.error("%s: DKIM signing for %s failed: %s", tx.message.id, key[0], error)
+                else:
+                    tx.message.prepend(signature)
+                    log.info("%s: DKIM-signed d=%s s=%s", tx.message.id, key[0], key[1])
+        return None
+
+    def _read_back(self, tx: Transaction) -> bytes:
+        tx.message.file.flush()
+        with open(os.path.join(tx.message.path, "message.eml"), "rb") as handle:
+            return handle.read()
+
+
+def _header_fields(message: bytes) -> list[tuple[str, str]]:
+    """(name, unfolded value) pairs of the header section."""
+    fields: list[tuple[str, str]] = []
+    head = message.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + " " + line.strip())
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip(), value.strip()))
+    return fields
 
 
 class _AuthCancelled(Exception):

@@ -121,6 +121,35 @@ class IncomingMessage:
         self.file.write(data)
         self.bytes_written += len(data)
 
+    def prepend(self, headers: bytes, drop_authres_for: str | None = None) -> None:
+        """Put trace headers above the message received so far (before commit).
+
+        Rewrites the not yet visible file once: new headers, then the old
+        header section without Authentication-Results claiming our
+        authserv-id (RFC 8601 5: they are forgeries), then the body.
+        """
+        self.file.flush()
+        self.file.close()
+        old_path = os.path.join(self.path, MESSAGE_FILE)
+        new_path = old_path + ".new"
+        with open(old_path, "rb") as source, open(new_path, "wb") as target:
+            target.write(headers)
+            skipping = False
+            ours = drop_authres_for.lower().encode("utf-8") if drop_authres_for else None
+            for line in source:
+                if line in (b"\r\n", b"\n"):
+                    target.write(line)
+                    break
+                if line[:1] not in (b" ", b"\t"):   # a new header field starts
+                    name, _, value = line.partition(b":")
+                    skipping = ours is not None and name.strip().lower() == b"authentication-results" \
+                        and value.split(b";")[0].lower().split()[:1] == [ours]
+                if not skipping:
+                    target.write(line)
+            shutil.copyfileobj(source, target, 1 << 20)
+        os.replace(new_path, old_path)
+        self.file = open(old_path, "ab", buffering=65536)
+
     def commit(self, envelope: Envelope) -> Entry:
         """Make the message durable and visible; only then may we say 250."""
         envelope.id = self.id
