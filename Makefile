@@ -24,7 +24,7 @@ PYTEST_TIMEOUT ?= 300
 # smtp-sink as load generator and peer), openssl (s_client, certificates),
 # curl (admin API), procps (pgrep/pkill/ps for process checks). Installed
 # without Recommends, so swaks's TLS and IPv6 modules are named explicitly.
-DEPS_TEST_PACKAGES ?= swaks libnet-ssleay-perl libio-socket-inet6-perl \
+DEPS_TEST_PACKAGES ?= swaks libnet-ssleay-perl libio-socket-inet6-perl dovecot-lmtpd publicsuffix \
                       postfix openssl curl procps
 
 .PHONY: venv run deps-test test clean

@@ -8,18 +8,33 @@ and errors are also written to stderr (the systemd journal).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import logging.handlers
 import os
+import re
 import sys
 
 FORMAT = "%(asctime)s %(name)s[%(process)d]: %(message)s"
+# A line about a message starts with its queue id (ARCHITECTURE.md habit 8,
+# like Postfix's "QUEUEID: to=<...>"), so `grep ^ID` finds its whole history;
+# the time and the process follow in brackets.
+MESSAGE_FORMAT = "%(message)s [%(asctime)s %(name)s[%(process)d]]"
+_QUEUE_ID_PREFIX = re.compile(r"(?:[0-9A-F]{20}|NOQUEUE): ")
 
 
 class _IsoFormatter(logging.Formatter):
+    def __init__(self, fmt=FORMAT):
+        super().__init__(fmt)
+        self._message_style = logging.PercentStyle(MESSAGE_FORMAT)
+
     def formatTime(self, record, datefmt=None):
-        import datetime
         return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+    def formatMessage(self, record):
+        if _QUEUE_ID_PREFIX.match(record.message):
+            return self._message_style.format(record)
+        return super().formatMessage(record)
 
 
 def configure(log_dir: str, *, stderr_level: int = logging.WARNING) -> None:

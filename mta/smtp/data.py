@@ -118,7 +118,9 @@ def read_data(reader: BinaryIO, content: Content) -> None:
                 segment = segment[1:]   # RFC 5321 4.5.2 transparency
         complete = segment[-1:] == b"\n"
         content.line(segment, at_line_start, complete)
-        at_line_start = complete
+        # Only CRLF ends a line: after "\n" alone, ".\r\n" is not the end of
+        # data ("\n.\r\n" smuggling, CVE-2023-51764).
+        at_line_start = segment[-2:] == b"\r\n"
 
 
 def read_chunk(reader: BinaryIO, size: int, sink: Callable[[bytes], None] | None) -> None:

@@ -90,7 +90,6 @@ class Session:
         self.transaction: Transaction | None = None
         self.errors = 0
         self.idle = True          # waiting for a command outside a transaction
-        self.masking = False      # transcript hides AUTH exchanges
         self.whitelisted = False  # skips greylisting, RBL and rate limits
         self.blocked: Reply | None = None   # DNSBL listing: only QUIT is served
         self.verbs = {name[5:].upper(): getattr(self, name) for name in dir(self) if name.startswith("smtp_")}
@@ -163,6 +162,12 @@ class Session:
                 self.reader.close()
         except OSError:
             pass
+        if isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.settimeout(2)
+                self.sock = self.sock.unwrap()   # close_notify (RFC 8446 6.1)
+            except (ssl.SSLError, OSError, ValueError):
+                pass
         try:
             self.sock.close()
         except OSError:
@@ -243,8 +248,10 @@ class Session:
             return replies.UNKNOWN_COMMAND.with_text("Error: invalid characters in command")
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
-        if self.masking:
-            transcript.info("%s < %s ****", self.label, verb)
+        if verb == "AUTH":
+            # Never log an initial response: it holds the password (RFC 4954).
+            mechanism = argument.split(" ", 1)[0][:20]
+            transcript.info("%s < AUTH %s%s", self.label, mechanism, " ****" if " " in argument.strip() else "")
         else:
             transcript.info("%s < %s", self.label, line)
         metrics.SMTP_COMMANDS.labels(port=self.mode, command=verb if verb in self.verbs else "other").inc()
@@ -407,7 +414,6 @@ class Session:
             log.warning("AUTH from locked-out client %s refused", self.label)
             metrics.AUTH_ATTEMPTS.labels(result="locked").inc()
             return replies.AUTH_LOCKED
-        self.masking = True
         try:
             if mechanism == "PLAIN":
                 data = sasl.b64decode(initial) if initial else self._challenge("")
@@ -423,8 +429,6 @@ class Session:
             return replies.AUTH_BAD_BASE64
         except _AuthCancelled:
             return replies.AUTH_CANCELLED
-        finally:
-            self.masking = False
         if self.ctx.lockout.locked(f"user:{username.lower()}"):
             metrics.AUTH_ATTEMPTS.labels(result="locked").inc()
             log.warning("AUTH for locked-out user %s from %s refused", username, self.label)

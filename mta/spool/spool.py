@@ -8,6 +8,8 @@ Layout under MTA_SPOOL_DIR (Maildir-style, after OpenSMTPD's queue_fs):
     hold/<id>/         held by the operator: status "hold"
     bounce/<id>/       finished with failures, notification pending: "bounce"
     corrupt/<id>/      unreadable entries, quarantined, never deleted
+    maildrop/          local submissions by `mta sendmail` (mode 1733), turned
+                       into queue entries by the daemon (mta.spool.pickup)
     index.json         a cache of the listing; rebuilt when missing or damaged
 
 Each message directory holds `message.eml` (immutable, as received with our
@@ -48,6 +50,8 @@ STATE_BY_STATUS = {status: state for state, status in STATUS_BY_STATE.items()}
 STATES = tuple(STATUS_BY_STATE)
 QUEUE_ID_RE = re.compile(r"[0-9A-F]{14}[0-9A-F]{6}\Z")
 LOCK_WAIT = 10.0  # seconds an operator command waits for a delivery to finish
+MAILDROP = "maildrop"
+MAILDROP_MODE = 0o1733  # any local user may drop a file; only the owner may list (sticky)
 
 
 class SpoolError(Exception):
@@ -184,6 +188,10 @@ class Spool:
     def setup(self) -> None:
         for name in ("tmp", *STATES, "corrupt"):
             os.makedirs(os.path.join(self.root, name), mode=0o750, exist_ok=True)
+        maildrop = os.path.join(self.root, MAILDROP)
+        if not os.path.isdir(maildrop):
+            os.makedirs(maildrop, mode=0o700, exist_ok=True)
+            os.chmod(maildrop, MAILDROP_MODE)  # makedirs' mode is cut by the umask
 
     def recover(self) -> int:
         """Start-up: purge half-received messages, quarantine unreadable ones.
@@ -194,8 +202,12 @@ class Spool:
         self.setup()
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
-            log.info("%s: removed incomplete message left by a crash", name)
+            path = os.path.join(tmp, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            log.info("%s: removed incomplete message left by a crash", name.split(".")[0])
         count = 0
         for entry in list(self.entries()):
             for leftover in os.listdir(entry.path):
