@@ -140,14 +140,15 @@ class Deliverer:
                 key = "" if self.config.relayhost else domain_key(recipient.address.rpartition("@")[2])
                 remote.setdefault(key, []).append(recipient)
         if local:
-            by_address = {r.address: r for r in local}
+            by_key = {parse_mailbox(r.address).key: r for r in local}
             try:
-                outcome = self.local_courier.deliver(envelope, entry.message_path, list(by_address))
+                outcome = self.local_courier.deliver(envelope, entry.message_path, list(by_key))
             except Exception as error:   # a courier bug must defer, not lose mail
                 log.exception("%s: local delivery failed", entry.id)
-                outcome = {a: Result.temporary("4.3.0", f"local delivery error: {error}") for a in by_address}
-            for address, result in outcome.items():
-                results[address] = (by_address[address], result)
+                outcome = {}
+            for key, recipient in by_key.items():
+                result = outcome.get(key) or Result.temporary("4.3.0", "local delivery error, see mta.log")
+                results[recipient.address] = (recipient, result)
         for domain, recipients in remote.items():
             try:
                 outcome = self.smtp_client.deliver(envelope, entry.message_path, self._size(entry, envelope),
@@ -234,10 +235,12 @@ class Deliverer:
         if not wanted:
             return []
         try:
+            arrival = parse_iso(envelope.arrival)
             data = dsn.build_dsn(envelope, wanted, action, reporting_mta=self.config.hostname,
-                                 message_path=entry.message_path)
-            notice = Envelope(id="", sender="", recipients=[Recipient(address=envelope.sender)],
-                              smtputf8=envelope.smtputf8, body="8BITMIME", protocol="local")
+                                 message_path=entry.message_path,
+                                 retry_until=arrival + datetime.timedelta(seconds=self.config.max_queue_age))
+            notice = Envelope(id="", sender="", recipients=[Recipient(address=dsn.dsn_recipient(envelope))],
+                              smtputf8=envelope.smtputf8, body=dsn.body_type(data), protocol="local")
             queued = self.spool.inject(data, notice)
         except (OSError, ValueError) as error:
             log.error("%s: cannot queue %s notification: %s", entry.id, action, error)
