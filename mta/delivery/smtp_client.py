@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mta.delivery.result import PERMANENT, Result
+from mta.delivery.result import Result
 from mta.smtp.esmtp import encode_xtext
 
 log = logging.getLogger("mta.delivery")
@@ -127,20 +127,20 @@ class SmtpClient:
 
     # --- routing ---
 
-    def _targets(self, domain: str) -> list[tuple[str, int, bool]]:
-        """(host, port, mx_lookup_done) in the order to try (RFC 5321 5.1)."""
+    def _targets(self, domain: str) -> list[tuple[str, int]]:
+        """(host, port) in the order to try (RFC 5321 5.1)."""
         from mta import dns as dnsmod
         if self.relayhost:
             from mta.config import split_host_port
             bracketed = self.relayhost.startswith("[")
             host, port = split_host_port(self.relayhost, self.port)
             if bracketed:
-                return [(host, port, True)]
+                return [(host, port)]
             try:
-                return [(h, port, True) for h in self.resolver.route(host)]
+                return [(h, port) for h in self.resolver.route(host)]
             except dnsmod.NoSuchDomain:
-                return [(host, port, True)]
-        return [(host, self.port, True) for host in self.resolver.route(domain)]
+                return [(host, port)]
+        return [(host, self.port) for host in self.resolver.route(domain)]
 
     def _addresses(self, host: str) -> list[str]:
         import ipaddress
@@ -173,6 +173,13 @@ class SmtpClient:
         except dnsmod.TemporaryDNSError as error:
             return self._all(addresses, Result.temporary(
                 "4.4.3", f"Host or domain name not found. Name service error for name={domain} type=MX: {error}"))
+        # RFC 5321 5.1: ourselves and every less preferred MX are not tried.
+        for index, (host, _) in enumerate(targets):
+            if host.lower().rstrip(".") == self.hostname.lower():
+                targets = targets[:index]
+                break
+        if not targets:
+            return self._all(addresses, Result.permanent("5.4.6", f"mail for {domain} loops back to myself"))
         slot = self.destination_slot(self.relayhost or domain)
         with slot:
             return self._deliver_to_targets(envelope, message_path, size, targets, recipients)
@@ -184,7 +191,7 @@ class SmtpClient:
         from mta import dns as dnsmod
         addresses = [r.address for r in recipients]
         last = Result.temporary("4.4.1", "no mail exchanger could be reached")
-        for host, port, _ in targets:
+        for host, port in targets:
             try:
                 ips = self._addresses(host)
             except dnsmod.TemporaryDNSError as error:
@@ -203,9 +210,8 @@ class SmtpClient:
                     results = self._transaction(connection, envelope, message_path, size, recipients)
                 except (OSError, ProtocolError, socket.timeout) as error:
                     connection.close(quit_first=False)
-                    kind = "4.4.2" if isinstance(error, socket.timeout) else "4.4.2"
                     text = "conversation timed out" if isinstance(error, socket.timeout) else f"lost connection: {error}"
-                    return self._all(addresses, Result.temporary(kind, f"{text} with {connection.label}",
+                    return self._all(addresses, Result.temporary("4.4.2", f"{text} with {connection.label}",
                                                                  connection.label))
                 self._release(connection)
                 return results
@@ -443,5 +449,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
 
-
-PERMANENT_KIND = PERMANENT
