@@ -270,3 +270,51 @@ def test_queue_retry_makes_deferred_mail_due_now(delivering, dns_server, sinks):
     sink = sinks(port)
     mta.cli("queue", "retry", qid)
     wait_for(sink.received(b"flushed"), timeout=10, what="delivery after retry")
+
+
+def test_relayhost_in_brackets_skips_mx_lookup(delivering, dns_server, sinks):
+    """MTA_RELAYHOST=[host]:port: everything goes to the smarthost, no MX lookup."""
+    port, = free_ports(1)
+    sink = sinks(port)
+    mta = delivering(port, {"relayhost": f"[127.0.0.1]:{port}"})
+    mta.send("sender@example.org", ["someone@elsewhere.test"], make_message("smarthost", "via relayhost"))
+    wait_for(sink.received(b"via relayhost"), what="delivery to the relayhost")
+    assert not [q for q in dns_server.queries if "elsewhere" in str(q[0])]
+
+
+def test_mx_pointing_at_ourselves_bounces_5_4_6(delivering, dns_server):
+    """RFC 5321 5.1: an MX list whose best host is ourselves is a mail loop."""
+    dns_server.set_zone({"loop.test.": {"MX": [(10, "mx.test.example.")]},
+                         "mx.test.example.": {"A": ["127.0.0.1"]}})
+    mta = delivering(free_ports(1)[0], users={"alice@example.com": "pw-alice-1"})
+    mta.send("alice@example.com", ["x@loop.test"], make_message("loop", "loops"))
+    dsn_raw = wait_for(lambda: maildir_messages(mta, "alice@example.com"), what="loop DSN")[0]
+    assert b"Status: 5.4.6" in dsn_raw
+
+
+def test_delay_warning_dsn_rfc3464(delivering, dns_server, sinks):
+    """RFC 3464 2.3.3 'delayed': after delay_warning_time the sender hears once."""
+    port, = free_ports(1)
+    sinks(port, "-r", "RCPT")
+    dns_server.set_zone(zone([(10, "mx1.remote.test.")]))
+    mta = delivering(port, {"delay_warning_time": 1}, users={"alice@example.com": "pw-alice-1"})
+    mta.send("alice@example.com", ["slow@remote.test"], make_message("slow", "delayed"))
+    dsn_raw = wait_for(lambda: maildir_messages(mta, "alice@example.com"), what="delay DSN")[0]
+    assert b"Action: delayed" in dsn_raw and b"Will-Retry-Until:" in dsn_raw
+    time.sleep(3)
+    assert len(maildir_messages(mta, "alice@example.com")) == 1, "one delay warning only"
+    assert [m for m in mta.queue_list() if m["sender"] == "alice@example.com"], "the message is still queued"
+
+
+def test_sigterm_during_delivery_loses_nothing(delivering, dns_server, sinks):
+    """SIGTERM while a remote server is slow: exit 0, and the message is still there or delivered."""
+    port, = free_ports(1)
+    sinks(port, "-w", "30")   # waits 30 s before answering DATA
+    dns_server.set_zone(zone([(10, "mx1.remote.test.")]))
+    mta = delivering(port)
+    qid = mta.send("sender@example.org", ["bob@remote.test"], make_message("slow peer", "in flight"))
+    wait_for(lambda: "queue active" in mta.log_text() and "from=<sender@example.org>, size=" in mta.log_text(),
+             what="delivery attempt")
+    time.sleep(0.5)
+    assert mta.stop() == 0
+    assert qid in [m["id"] for m in mta.queue_list()], "the in-flight message must stay queued"
