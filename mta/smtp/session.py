@@ -48,6 +48,15 @@ class CloseSession(Exception):
     """Stop the session now (after whatever reply was already sent)."""
 
 
+class BadLine(Exception):
+    """A command line that cannot be parsed as one (too long, bare CR/LF)."""
+
+    def __init__(self, reply: Reply, description: str):
+        super().__init__(description)
+        self.reply = reply
+        self.description = description
+
+
 @dataclass
 class Transaction:
     sender: Mailbox | None
@@ -92,7 +101,6 @@ class Session:
         self.idle = True          # waiting for a command outside a transaction
         self.whitelisted = False  # skips greylisting, RBL and rate limits
         self.blocked: Reply | None = None   # DNSBL listing: only QUIT is served
-        self.verbs = {name[5:].upper(): getattr(self, name) for name in dir(self) if name.startswith("smtp_")}
 
     # --- the connection ---
 
@@ -141,7 +149,12 @@ class Session:
             if self.ctx.stopping.is_set() and self.idle:
                 self.send(replies.SERVICE_SHUTTING_DOWN.fmt(hostname=self.config.hostname))
                 return
-            line = self._read_line(MAX_AUTH_LINE)
+            try:
+                line = self._read_line(MAX_AUTH_LINE)
+            except BadLine as bad:
+                transcript.info("%s < %s", self.label, bad.description)
+                self.send(bad.reply)
+                continue
             self.idle = False
             if line is None:
                 if self.ctx.stopping.is_set():
@@ -183,7 +196,11 @@ class Session:
     # --- reading and writing ---
 
     def _read_line(self, limit: int) -> bytes | None:
-        """One CRLF-terminated line without its CRLF; None at end of input."""
+        """One CRLF-terminated line without its CRLF; None at end of input.
+
+        Raises BadLine (with the reply to send) for an over-long line or one
+        with a bare CR or LF (RFC 5321 2.3.8: only CRLF ends a line).
+        """
         line = self.reader.readline(limit + 1)
         if not line:
             return None
@@ -196,9 +213,9 @@ class Session:
                 if not line or skipped > MAX_GARBAGE:
                     self.send(replies.LINE_TOO_LONG)
                     raise CloseSession()
-            return b"\x00too-long"
+            raise BadLine(replies.LINE_TOO_LONG, "(over-long line)")
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            return b"\x00bare-newline"
+            raise BadLine(replies.BARE_LF_COMMAND, "(line with bare CR or LF)")
         return line[:-2]
 
     def _write(self, reply: Reply) -> None:
@@ -236,11 +253,6 @@ class Session:
     # --- dispatch ---
 
     def _dispatch(self, raw: bytes) -> Reply | None:
-        if raw == b"\x00too-long":
-            return replies.LINE_TOO_LONG
-        if raw == b"\x00bare-newline":
-            transcript.info("%s < (line with bare CR or LF)", self.label)
-            return replies.BARE_LF_COMMAND
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -254,7 +266,8 @@ class Session:
             transcript.info("%s < AUTH %s%s", self.label, mechanism, " ****" if " " in argument.strip() else "")
         else:
             transcript.info("%s < %s", self.label, line)
-        metrics.SMTP_COMMANDS.labels(port=self.mode, command=verb if verb in self.verbs else "other").inc()
+        method = VERBS.get(verb)
+        metrics.SMTP_COMMANDS.labels(port=self.mode, command=verb if method else "other").inc()
         if "\0" in line:
             return replies.UNKNOWN_COMMAND.with_text("Error: NUL character in command")
         if verb in HTTP_VERBS:
@@ -265,12 +278,11 @@ class Session:
         limit = {"MAIL": MAX_ENVELOPE_COMMAND, "RCPT": MAX_ENVELOPE_COMMAND, "AUTH": MAX_AUTH_LINE}.get(verb, MAX_COMMAND)
         if len(raw) + 2 > limit:
             return replies.LINE_TOO_LONG
-        handler = self.verbs.get(verb)
-        if handler is None:
+        if method is None:
             return replies.UNKNOWN_COMMAND
         if self.blocked is not None and verb != "QUIT":
             return replies.SEND_QUIT
-        return handler(argument.strip(" ") if argument else "")
+        return method(self, argument.strip(" ") if argument else "")
 
     # --- connection-level verbs ---
 
@@ -443,12 +455,13 @@ class Session:
 
     def _challenge(self, challenge: str) -> bytes:
         self._write(replies.AUTH_CHALLENGE.fmt(challenge=challenge))
-        line = self._read_line(MAX_AUTH_LINE)
+        try:
+            line = self._read_line(MAX_AUTH_LINE)
+        except BadLine:
+            raise sasl.AuthDecodeError("bad line") from None
         if line is None:
             raise ClientGone()
         transcript.info("%s < ****", self.label)
-        if line.startswith(b"\x00"):
-            raise sasl.AuthDecodeError("bad line")
         text = line.decode("ascii", "replace").strip()
         if text == "*":
             raise _AuthCancelled()
@@ -830,3 +843,7 @@ def _header_fields(message: bytes) -> list[tuple[str, str]]:
 
 class _AuthCancelled(Exception):
     pass
+
+
+# The verb table, collected once: "MAIL" -> Session.smtp_mail (aiosmtpd's model).
+VERBS = {name[5:].upper(): function for name, function in vars(Session).items() if name.startswith("smtp_")}
