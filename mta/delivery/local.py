@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from mta.config import split_host_port
+from mta import safeio
 from mta.delivery.result import Result
 from mta.spool.envelope import Envelope
 
@@ -203,7 +204,7 @@ class MaildirCourier:
                     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
                 continue
             # the new directory entry must survive a crash too
-            _fsync_dir(os.path.dirname(directory))
+            safeio.fsync_dir(os.path.dirname(directory))
 
     def _store(self, path: str, prefix: bytes, message_path: str) -> None:
         """tmp/, write, fsync, rename into new/, fsync new/ (maildir(5); mailbox.Maildir.add)."""
@@ -223,7 +224,7 @@ class MaildirCourier:
             except OSError:
                 pass
             raise
-        _fsync_dir(os.path.join(path, "new"))
+        safeio.fsync_dir(os.path.join(path, "new"))
 
     def _unique_name(self) -> str:
         # maildir(5)/Dovecot style: seconds.M<usec>P<pid>R<random>.<host>
@@ -252,14 +253,6 @@ def _copy_crlf_to_lf(source: BinaryIO, out: BinaryIO) -> None:
             pending = b""
         out.write(data.replace(b"\r\n", b"\n"))
     out.write(pending)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_error(error: OSError, what: str) -> Result:
