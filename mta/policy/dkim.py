@@ -52,9 +52,20 @@ def verify(resolver, message: bytes) -> list[DkimResult]:
     for index, raw in enumerate(signatures[:5]):
         tags = _tags(raw)
         domain, selector, b = tags.get("d", ""), tags.get("s", ""), tags.get("b", "").replace(" ", "")
+        timeouts = []
+
+        def dnsfunc(name, timeout=5):
+            # dkimpy turns a DNS timeout into a plain False; remember it so the
+            # result is temperror, not fail (RFC 6376 6.1.2, RFC 8601 2.7.1).
+            try:
+                return resolver.dkim_dnsfunc(name, timeout)
+            except dkim.DnsTimeoutError:
+                timeouts.append(name)
+                raise
+
         try:
-            ok = checker.verify(idx=index, dnsfunc=resolver.dkim_dnsfunc)
-            outcome = "pass" if ok else "fail"
+            ok = checker.verify(idx=index, dnsfunc=dnsfunc)
+            outcome = "pass" if ok else ("temperror" if timeouts else "fail")
         except dkim.DnsTimeoutError:
             outcome = "temperror"
         except dkim.DKIMException as error:
