@@ -55,13 +55,16 @@ QUEUED_RE = re.compile(r"queued as (\S+)")
 # --------------------------------------------------------------------------
 # process helpers
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded before any fork
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """preexec_fn: the daemon gets SIGKILL if pytest dies (prctl PDEATHSIG)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -308,6 +311,17 @@ def body_lines(text: str) -> list[str]:
 # --------------------------------------------------------------------------
 # the server under test
 
+TEST_TLS_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / f"mta-test-tls-{os.getpid()}"
+TEST_CERT, TEST_KEY = TEST_TLS_DIR / "cert.pem", TEST_TLS_DIR / "key.pem"
+
+
+def _ensure_test_certificate() -> None:
+    if not TEST_CERT.exists():
+        sys.path.insert(0, str(REPO_ROOT))
+        from mta.smtp.tls import generate_self_signed
+        generate_self_signed(str(TEST_CERT), str(TEST_KEY), HOSTNAME)
+
+
 class MTAServer:
     """One mta daemon in its own directory; start/stop/kill/restart it, run its CLI."""
 
@@ -315,6 +329,7 @@ class MTAServer:
                  env: dict | None, users: dict | None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        _ensure_test_certificate()
         relay, submission, submissions, admin = free_ports(4)
         self.config = {
             "hostname": HOSTNAME,
@@ -326,6 +341,11 @@ class MTAServer:
             "port_submissions": submissions,
             "port_admin": admin,
             "admin_token": "test-admin-token",
+            # one certificate for every test daemon: generating RSA keys at each
+            # start would cost ~0.4 s per daemon (the generation itself is
+            # covered by tests that unset these keys)
+            "tls_cert": str(TEST_CERT),
+            "tls_key": str(TEST_KEY),
             "spool_dir": str(root / "spool"),
             "data_dir": str(root / "data"),
             "log_dir": str(root / "log"),

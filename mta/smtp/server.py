@@ -158,8 +158,12 @@ def open_listeners(config, context: SmtpContext) -> list[Listener]:
 def stop(listeners: list[Listener], context: SmtpContext, grace: float = 10.0) -> None:
     """Stop accepting, tell idle sessions 421, give busy ones `grace` seconds."""
     context.stopping.set()
-    for listener in listeners:
-        listener.shutdown()
+    # shutdown() waits for serve_forever's next poll: do all listeners at once.
+    stoppers = [threading.Thread(target=listener.shutdown) for listener in listeners]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper, listener in zip(stoppers, listeners):
+        stopper.join()
         listener.server_close()
     deadline = time.monotonic() + grace
     while True:

@@ -1046,3 +1046,21 @@ def test_sighup_reloads_certificate(mta_factory, tmp_path):
     assert server.alive()
     assert peer_der_starttls(sub) == der(new_cert)
     assert peer_der_implicit(subs) == der(new_cert)
+
+
+def test_development_default_generates_a_self_signed_certificate(mta_factory):
+    """INTERFACE.md: with no MTA_TLS_CERT a self-signed certificate is generated
+    under the data directory on first start, and STARTTLS works with it (RFC 3207)."""
+    import smtplib
+    import ssl as ssl_module
+    srv = mta_factory({"tls_cert": None, "tls_key": None})
+    cert = Path(srv.config["data_dir"]) / "tls" / "cert.pem"
+    key = Path(srv.config["data_dir"]) / "tls" / "key.pem"
+    assert cert.exists() and key.exists()
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as client:
+        context = ssl_module.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+        client.starttls(context=context)
+        assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
