@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SMTPConn, assert_reply, base_env, run_mta, write_toml
+from conftest import assert_reply, base_env, run_mta, write_toml
 
 
 def check_one_line_error(proc, key: str) -> None:

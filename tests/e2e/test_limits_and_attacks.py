@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SMTPClosed, SMTPConn, assert_reply, body_lines, make_message
+from conftest import SMTPClosed, SMTPConn, assert_reply, body_lines
 
 
 def start_data(c: SMTPConn, rcpt: str = "info@example.com",
@@ -476,3 +476,28 @@ def test_many_parallel_sessions(shared_mta):
     assert not errors, errors
     assert sorted(ids) == sorted(m["id"] for m in mta.queue_since(before))
     assert len(set(ids)) == 20
+
+
+def test_low_disk_space_452(mta_factory):
+    """Issue 2 "Spool": when free space is low, 452 4.3.1 (RFC 3463 X.3.1 mail
+    system full; RFC 5321 4.5.3.1.10 / 1870 6.2) and nothing accepted is harmed:
+    mail queued before stays. The threshold `queue_min_free` is set above the free
+    space of any disk."""
+    server = mta_factory()
+    kept = server.send(subject="before the disk filled")
+    server.config_path.write_text(server.config_path.read_text().replace(
+        "delivery_workers = 0", "delivery_workers = 0\nqueue_min_free = 1000000000000000000"))
+    server.restart()
+    with server.session() as c:
+        replies = [c.cmd("MAIL FROM:<s@example.org>")]
+        if replies[-1].code == 250:
+            replies.append(c.cmd("RCPT TO:<info@example.com>"))
+        if replies[-1].code == 250:
+            replies.append(c.cmd("DATA"))
+        if replies[-1].code == 354:
+            c.send(b"Subject: full\r\n\r\nfull\r\n.\r\n")
+            replies.append(c.reply())
+        assert_reply(replies[-1], 452, "4.3.1")
+        assert_still_usable(c)
+    assert server.queue_ids() == [kept]
+    assert "before the disk filled" in server.queue_show(kept)

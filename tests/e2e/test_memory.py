@@ -90,6 +90,8 @@ def test_35mb_message_bounded_rss(mta_factory, verb):
     assert sampler.samples, "no RSS samples"
     peak = max(sampler.samples)
     growth = peak - baseline
+    print(f"\n{verb}: baseline {baseline / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB, "
+          f"growth {growth / 2**20:.1f} MB over {len(sampler.samples)} samples")
     assert growth < LIMIT_GROWTH, (
         f"RSS grew by {growth / 2**20:.1f} MB (baseline {baseline / 2**20:.1f} MB, "
         f"peak {peak / 2**20:.1f} MB, {len(sampler.samples)} samples)")

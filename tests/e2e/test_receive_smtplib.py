@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import (HOSTNAME, SMTPClosed, SMTPConn, assert_reply, body_lines, make_message,
+from conftest import (HOSTNAME, SMTPClosed, assert_reply, body_lines, make_message,
                       send_mail)
 
 
@@ -410,3 +410,15 @@ def test_bdat_bad_argument_is_501(shared_mta, command):
         except SMTPClosed:
             return
         assert_reply(r, 250, "2.0.0")
+
+
+def test_bare_postmaster_goes_to_primary_domain(shared_outsider_mta):
+    """RFC 5321 4.5.1 + INTERFACE "SMTP": RCPT TO:<Postmaster> (no domain, any case)
+    is accepted from anyone and goes to postmaster@MTA_DOMAIN."""
+    server = shared_outsider_mta
+    with server.session() as c:
+        r = send_mail(c, "someone@example.org", ["Postmaster"],
+                      make_message("to bare postmaster", "hi\r\n"))
+        assert_reply(r, 250, "2.0.0")
+    entry = find(server.queue_list(), r.queue_id)
+    assert [x["address"].lower() for x in entry["recipients"]] == ["postmaster@example.com"]
