@@ -51,8 +51,8 @@ ACTIONS = (FAILED, DELAYED, DELIVERED, RELAYED, EXPANDED)   # RFC 3464 2.3.3
 # RFC 3461 4.3 lets the MTA choose when the sender gave no RET. Headers only
 # keeps bounces of large mail small; Postfix instead treats a missing RET as
 # FULL up to bounce_size_limit (50 kB).
-DEFAULT_RET = "HDRS"
-FULL_LIMIT = 10 * 1024 * 1024      # largest original returned in full
+DEFAULT_RET = "FULL"              # Postfix: the whole original, up to bounce_size_limit
+FULL_LIMIT = 50_000                # Postfix bounce_size_limit: larger originals return headers only
 HEADER_LIMIT = 1024 * 1024         # largest header section returned
 MAX_FIELD_TEXT = 900               # keeps every line under RFC 5322 2.1.1's 998
 
