@@ -87,6 +87,27 @@ def load_tls(config) -> TlsProvider:
         raise StartupError(f"{key}: cannot load TLS certificate/key: {error}", 2) from None
 
 
+def give_state_to(config, uid: int, gid: int) -> None:
+    """What start-up created as root (state directories, logs, the admin
+    token, a generated certificate) is handed to MTA_USER before we become
+    it. A fixed list, never a recursive walk: a mistyped data_dir must not
+    chown a system directory. Files in maildrop/ keep their owners (the
+    owner is the submitting user).
+    """
+    from mta.spool.spool import MAILDROP, STATES
+    spool = config.spool_dir
+    paths = [spool, *(os.path.join(spool, name) for name in ("tmp", *STATES, "corrupt", MAILDROP, "index.json")),
+             config.data_dir, config.admin_token_file, config.tls_dir,
+             os.path.join(config.tls_dir, "cert.pem"), os.path.join(config.tls_dir, "key.pem"),
+             config.log_dir, os.path.join(config.log_dir, "mta.log"), os.path.join(config.log_dir, "smtp.log")]
+    for path in paths:
+        try:
+            if os.lstat(path).st_uid == 0:
+                os.lchown(path, uid, gid)
+        except FileNotFoundError:
+            continue
+
+
 def drop_privileges(config) -> None:
     """Started as root with MTA_USER set: ports are bound, now become that user."""
     if os.geteuid() != 0 or not config.user:
@@ -95,7 +116,10 @@ def drop_privileges(config) -> None:
         account = pwd.getpwnam(config.user)
     except KeyError:
         raise StartupError(f"user: no such system user {config.user!r}", 2) from None
-    os.setgroups([])
+    give_state_to(config, account.pw_uid, account.pw_gid)
+    # initgroups, not setgroups([]): membership of ssl-cert lets the user
+    # re-read the Debian snakeoil key on SIGHUP, as it does under systemd.
+    os.initgroups(account.pw_name, account.pw_gid)
     os.setgid(account.pw_gid)
     os.setuid(account.pw_uid)
     log.info("dropped privileges to %s (uid %d)", config.user, account.pw_uid)
@@ -140,6 +164,9 @@ class Daemon:
             raise StartupError(str(error.strerror or error)) from None
         drop_privileges(config)
         self.build_delivery()
+        self.build_admin()
+        from mta.spool.pickup import Pickup  # sendmail's maildrop (mta sendmail)
+        self.pickup = Pickup(self.spool, lambda: self.config)
         log.info("mta started: hostname=%s domains=%s, %d messages queued, listening on %s",
                  config.hostname, ",".join(sorted(config.all_local_domains)), queued,
                  ", ".join(f"{lst.mode}={lst.server_address[0]}:{lst.port}" for lst in self.listeners))
@@ -161,11 +188,26 @@ class Daemon:
         self.pool = DeliveryPool(config.delivery_workers, self.scheduler, deliverer)
         self.spool.add_listener(self.scheduler.notify)
 
+    def build_admin(self) -> None:
+        """Queue metrics collector and the admin API (Waitress threads; port_admin = 0: none)."""
+        from mta.admin.deps import DaemonAbuseState
+        from mta.admin.serve import start_admin
+        paused = self.pool is None
+        try:
+            self.admin = start_admin(
+                config=self.config, config_getter=lambda: self.config, spool=self.spool, users=self.users,
+                policy=self.policy, listeners=self.listeners, smtp=self.smtp, token=self.admin_token,
+                scheduler=None if paused else self.scheduler, pool=self.pool,
+                abuse=DaemonAbuseState(self.ratelimiter, self.greylist, lambda: self.config))
+        except OSError as error:
+            raise StartupError(str(error.strerror or error)) from None
+
     def start(self) -> None:
         for listener in self.listeners:
             listener.start()
         if self.pool is not None:
             self.pool.start()
+        self.pickup.start()
 
     def reload(self) -> None:
         """SIGHUP: new configuration, aliases, users, certificate; keep sessions."""
@@ -191,7 +233,10 @@ class Daemon:
 
     def stop(self) -> None:
         log.info("stopping: no new connections, finishing sessions")
+        if getattr(self, "admin", None) is not None:
+            self.admin.close()
         smtp_server.stop(self.listeners, self.smtp)
+        self.pickup.stop()
         if self.pool is not None:
             self.pool.stop()
         log.info("mta stopped")

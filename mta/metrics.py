@@ -9,6 +9,7 @@ collector the daemon registers at start-up (`register_queue_collector`).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -27,5 +28,53 @@ DELIVERY_DURATION = Histogram("mta_delivery_duration_seconds", "Time from arriva
 DSNS_SENT = Counter("mta_dsns_sent", "Delivery status notifications generated", ["action"], registry=REGISTRY)
 
 
+QUEUE_STATUSES = ("active", "deferred", "hold", "bounce")
+
+
+class QueueCollector:
+    """The queue gauges, computed at scrape time from a (cached) queue scan.
+
+    `source()` returns an object with `by_status` (status -> messages),
+    `by_domain` (recipient domain -> messages, already bounded), `bytes` and
+    `oldest_age_seconds()`: `mta.admin.service.QueueSnapshot.get`. Every
+    status series is always present, 0 when empty (INTERFACE.md).
+    """
+
+    def __init__(self, source):
+        self.source = source
+
+    def _families(self):
+        return (
+            GaugeMetricFamily("mta_queue_messages", "Messages in the queue, by status", labels=["status"]),
+            GaugeMetricFamily("mta_queue_messages_by_domain",
+                              "Queued messages with open recipients at each destination domain "
+                              "(top domains, the rest as domain=\"other\")", labels=["domain"]),
+            GaugeMetricFamily("mta_queue_oldest_age_seconds", "Age of the oldest queued message"),
+            GaugeMetricFamily("mta_queue_bytes", "Bytes of queued messages"),
+        )
+
+    def describe(self):
+        return self._families()
+
+    def collect(self):
+        shape = self.source()
+        by_status, by_domain, oldest, size = self._families()
+        for status in QUEUE_STATUSES:
+            by_status.add_metric([status], shape.by_status.get(status, 0))
+        for domain, count in sorted(shape.by_domain.items()):
+            by_domain.add_metric([domain], count)
+        oldest.add_metric([], shape.oldest_age_seconds())
+        size.add_metric([], shape.bytes)
+        return (by_status, by_domain, oldest, size)
+
+
+_queue_collector = None
+
+
 def register_queue_collector(collector) -> None:
+    """Register the queue collector; a later call replaces the earlier one."""
+    global _queue_collector
+    if _queue_collector is not None:
+        REGISTRY.unregister(_queue_collector)
     REGISTRY.register(collector)
+    _queue_collector = collector

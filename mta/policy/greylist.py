@@ -10,6 +10,7 @@ re-greylist everyone. The clock is injected for tests.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ipaddress
 import logging
@@ -28,6 +29,13 @@ RETRY_WINDOW = 4 * 3600
 PASS_LIFETIME = 36 * 86400
 MAX_TRIPLETS = 200_000
 VERSION = 1
+
+
+def _iso(timestamp: float) -> str | None:
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):   # a damaged greylist.json record
+        return None
 
 
 def client_network(ip: str) -> str:
@@ -109,6 +117,17 @@ class Greylist:
             for key, value in data["triplets"].items():
                 if isinstance(value, list) and len(value) == 3:
                     self._triplets[key] = value
+
+    def entries(self) -> list[dict]:
+        """Per-triplet state for the admin API, least recently seen first.
+
+        Triplets are stored hashed, so the key is all there is to show.
+        """
+        with self._lock:
+            items = list(self._triplets.items())
+        return [{"key": key, "first_seen": _iso(first), "last_seen": _iso(last), "passed": bool(passed),
+                 "retry_after": None if passed else _iso(first + self.delay)}
+                for key, (first, last, passed) in items]
 
     def snapshot(self) -> dict:
         now = self.clock()
