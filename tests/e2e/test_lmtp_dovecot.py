@@ -307,3 +307,25 @@ def test_dovecot_going_away_is_temporary(dovecot, message_path):
     results = courier.deliver(make_envelope(["alice@example.com"]), message_path, ["alice@example.com"])
     assert results["alice@example.com"].kind == "temporary"
     assert results["alice@example.com"].dsn == "4.4.1"
+
+
+def test_daemon_delivers_local_mail_over_lmtp(dovecot, mta_factory):
+    """MTA_LMTP (RFC 2033): the running daemon hands local mail to Dovecot over
+    LMTP instead of writing Maildirs itself; per-recipient replies are used."""
+    mta = mta_factory({"delivery_workers": 1, "lmtp": f"127.0.0.1:{dovecot.port}", "delay_warning_time": 0},
+                      users={"alice@example.com": "pw-alice-1", "carol@example.com": "pw-carol-1"})
+    qid = mta.send("sender@example.org", ["alice@example.com", "carol@example.com"],
+                   b"Subject: over lmtp\r\n\r\nhanded to dovecot\r\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not dovecot.maildir_files("alice@example.com"):
+        time.sleep(0.1)
+    files = dovecot.maildir_files("alice@example.com")
+    assert files and b"handed to dovecot" in files[0].read_bytes()
+    assert not (Path(mta.config["mailbox_dir"]) / "example.com").exists(), "no Maildir written by mta itself"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "status=bounced" not in mta.log_text():
+        time.sleep(0.1)
+    log = mta.log_text()
+    assert f"{qid}: to=<alice@example.com>" in log and "status=sent" in log
+    # carol is an mta user but unknown to Dovecot: its 5xx at RCPT bounces her copy only
+    assert f"{qid}: to=<carol@example.com>" in log and "status=bounced" in log
