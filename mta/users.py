@@ -8,6 +8,7 @@ compared case-insensitively. The file never holds a plaintext password.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -16,6 +17,8 @@ import bcrypt
 from mta import safeio
 from mta.address import AddressError, parse_mailbox
 from mta.spool.envelope import now_iso
+
+log = logging.getLogger("mta.users")
 
 USERS_FILE = "users.json"
 VERSION = 1
@@ -82,16 +85,26 @@ class UserStore:
         return self._dummy_hash
 
     def _load(self) -> dict[str, dict]:
+        """The users, re-read when the file changes. A damaged file keeps the
+        last good users and is logged once (AUTH must not crash a session)."""
         try:
-            mtime = os.stat(self.path).st_mtime_ns
+            stat = os.stat(self.path)
         except FileNotFoundError:
             self._users, self._mtime = {}, None
             return self._users
-        if mtime != self._mtime:
-            data = safeio.read_json(self.path)
-            if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("users"), dict):
-                raise UserError(f"{self.path}: unknown format")
-            self._users, self._mtime = data["users"], mtime
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature != self._mtime:
+            self._mtime = signature
+            try:
+                data = safeio.read_json(self.path)
+                if not isinstance(data, dict) or data.get("version") != VERSION \
+                        or not isinstance(data.get("users"), dict) \
+                        or not all(isinstance(v, dict) and isinstance(v.get("hash"), str) for v in data["users"].values()):
+                    raise ValueError("unknown format or version")
+            except (OSError, ValueError, UnicodeDecodeError) as error:
+                log.error("%s is damaged, keeping the previous users: %s", self.path, error)
+                return self._users
+            self._users = data["users"]
         return self._users
 
     def users(self) -> dict[str, dict]:
@@ -127,7 +140,8 @@ class UserStore:
     def _write(self, users: dict[str, dict]) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
         safeio.write_json(self.path, {"version": VERSION, "users": users}, mode=0o640)
-        self._users, self._mtime = users, os.stat(self.path).st_mtime_ns
+        stat = os.stat(self.path)
+        self._users, self._mtime = users, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     def _hash(self, password: str) -> str:
         data = _digest_input(_check_password(password))

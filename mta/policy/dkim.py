@@ -68,9 +68,15 @@ def verify(resolver, message: bytes) -> list[DkimResult]:
             outcome = "pass" if ok else ("temperror" if timeouts else "fail")
         except dkim.DnsTimeoutError:
             outcome = "temperror"
-        except dkim.DKIMException as error:
+        except dkim.ValidationError as error:
+            # A body hash mismatch is a signature that does not verify (fail);
+            # other validation errors are unusable signatures (permerror),
+            # RFC 6376 6.1.3, RFC 8601 2.7.1.
             log.info("DKIM signature %d (d=%s) invalid: %s", index, domain, error)
-            outcome = "permerror" if "key" not in str(error).lower() else "fail"
+            outcome = "fail" if "body hash" in str(error).lower() else "permerror"
+        except dkim.DKIMException as error:   # no key, malformed key or signature
+            log.info("DKIM signature %d (d=%s) unusable: %s", index, domain, error)
+            outcome = "permerror"
         except Exception as error:
             log.info("DKIM signature %d (d=%s) error: %s", index, domain, error)
             outcome = "permerror"

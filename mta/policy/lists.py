@@ -13,11 +13,14 @@ take effect on the next SMTP command.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 
 from mta import safeio
 from mta.address import AddressError, check_domain, domain_key, parse_mailbox
+
+log = logging.getLogger("mta.policy")
 
 POLICY_FILE = "policy.json"
 VERSION = 1
@@ -85,25 +88,47 @@ class PolicyStore:
         return {name: {field: [] for field in FIELDS} for name in LISTS}
 
     def _load(self) -> dict:
+        """The lists, re-read when the file changes. A damaged file keeps the
+        last good lists in force and is logged once (never a failed session)."""
         try:
-            mtime = os.stat(self.path).st_mtime_ns
+            stat = os.stat(self.path)
         except FileNotFoundError:
             if self._mtime is not None:
                 self._data, self._mtime, self._networks = self._empty(), None, {}
             return self._data
-        if mtime != self._mtime:
-            raw = safeio.read_json(self.path)
-            if not isinstance(raw, dict) or raw.get("version") != VERSION:
-                raise PolicyError(f"{self.path}: unknown format")
-            data = self._empty()
-            for name in LISTS:
-                for field in FIELDS:
-                    values = raw.get(name, {}).get(field, [])
-                    data[name][field] = [v for v in values if isinstance(v, str)]
-            self._data, self._mtime = data, mtime
-            self._networks = {name: [ipaddress.ip_network(v, strict=False) for v in data[name]["ip"]]
-                              for name in LISTS}
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature != self._mtime:
+            self._mtime = signature
+            try:
+                data, networks = self._parse(safeio.read_json(self.path))
+            except (OSError, ValueError, UnicodeDecodeError) as error:
+                log.error("%s is damaged, keeping the previous lists: %s", self.path, error)
+                return self._data
+            self._data, self._networks = data, networks
         return self._data
+
+    def _parse(self, raw) -> tuple[dict, dict]:
+        if not isinstance(raw, dict) or raw.get("version") != VERSION:
+            raise PolicyError("unknown format or version")
+        data = self._empty()
+        for name in LISTS:
+            table = raw.get(name, {})
+            if not isinstance(table, dict):
+                raise PolicyError(f"{name} is not an object")
+            for field in FIELDS:
+                values = table.get(field, [])
+                if not isinstance(values, list):
+                    raise PolicyError(f"{name}.{field} is not a list")
+                data[name][field] = [v for v in values if isinstance(v, str)]
+        networks = {}
+        for name in LISTS:
+            networks[name] = []
+            for value in data[name]["ip"]:
+                try:
+                    networks[name].append(ipaddress.ip_network(value, strict=False))
+                except ValueError:
+                    log.error("%s: ignoring bad %s entry %r", self.path, name, value)
+        return data, networks
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -278,10 +278,10 @@ class Session:
         limit = {"MAIL": MAX_ENVELOPE_COMMAND, "RCPT": MAX_ENVELOPE_COMMAND, "AUTH": MAX_AUTH_LINE}.get(verb, MAX_COMMAND)
         if len(raw) + 2 > limit:
             return replies.LINE_TOO_LONG
+        if self.blocked is not None and verb != "QUIT":
+            return replies.SEND_QUIT             # RFC 5321 3.1, after a 554 greeting
         if method is None:
             return replies.UNKNOWN_COMMAND
-        if self.blocked is not None and verb != "QUIT":
-            return replies.SEND_QUIT
         return method(self, argument.strip(" ") if argument else "")
 
     # --- connection-level verbs ---

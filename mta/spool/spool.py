@@ -49,7 +49,8 @@ STATUS_BY_STATE = {"incoming": "active", "deferred": "deferred", "hold": "hold",
 STATE_BY_STATUS = {status: state for state, status in STATUS_BY_STATE.items()}
 STATES = tuple(STATUS_BY_STATE)
 QUEUE_ID_RE = re.compile(r"[0-9A-F]{14}[0-9A-F]{6}\Z")
-LOCK_WAIT = 10.0  # seconds an operator command waits for a delivery to finish
+LOCK_WAIT = 10.0
+MAX_FIELD_CHECK = 65536  # header fields longer than this are not inspected when rewriting  # seconds an operator command waits for a delivery to finish
 MAILDROP = "maildrop"
 MAILDROP_MODE = 0o1733  # any local user may drop a file; only the owner may list (sticky)
 
@@ -105,6 +106,26 @@ def summary(envelope: Envelope, status: str) -> dict:
     }
 
 
+def _claims_authserv(field: list[bytes], authserv_id: str) -> bool:
+    """Is this an Authentication-Results field naming `authserv_id`?
+
+    The field is unfolded and comments are removed first: RFC 8601 2.2 allows
+    CFWS before the authserv-id, and section 5 says such fields claiming our
+    id are forgeries to be removed.
+    """
+    name, _, value = b"".join(field).partition(b":")
+    if name.strip().lower() != b"authentication-results":
+        return False
+    text = value.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+    while True:
+        stripped = re.sub(r"\([^()]*\)", " ", text)   # innermost comments first
+        if stripped == text:
+            break
+        text = stripped
+    first = text.split(";")[0].split()
+    return bool(first) and first[0].lower() == authserv_id.lower()
+
+
 class IncomingMessage:
     """A message being received into tmp/<id>/; `commit` or `abort` it."""
 
@@ -138,18 +159,29 @@ class IncomingMessage:
         new_path = old_path + ".new"
         with open(old_path, "rb") as source, open(new_path, "wb") as target:
             target.write(headers)
-            skipping = False
-            ours = drop_authres_for.lower().encode("utf-8") if drop_authres_for else None
+            field: list[bytes] = []   # one header field, its folded lines
+            size = 0
+
+            def flush() -> None:
+                if field and not (drop_authres_for and _claims_authserv(field, drop_authres_for)):
+                    target.writelines(field)
+                field.clear()
+
             for line in source:
                 if line in (b"\r\n", b"\n"):
+                    flush()
                     target.write(line)
                     break
                 if line[:1] not in (b" ", b"\t"):   # a new header field starts
-                    name, _, value = line.partition(b":")
-                    skipping = ours is not None and name.strip().lower() == b"authentication-results" \
-                        and value.split(b";")[0].lower().split()[:1] == [ours]
-                if not skipping:
-                    target.write(line)
+                    flush()
+                    size = 0
+                field.append(line)
+                size += len(line)
+                if size > MAX_FIELD_CHECK:        # bound memory: pass huge fields through
+                    target.writelines(field)
+                    field.clear()
+            else:
+                flush()
             shutil.copyfileobj(source, target, 1 << 20)
         os.replace(new_path, old_path)
         self.file = open(old_path, "ab", buffering=65536)
