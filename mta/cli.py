@@ -1,15 +1,22 @@
-"""The `mta` command line: serve, queue, user, dkim, config, --version.
+"""The `mta` command line: serve, queue, user, dkim, config, sendmail, --version.
 
 Every command loads the same configuration as the daemon (so it finds the
 same spool and data directory) and acts through the same code the daemon
 uses (`mta.spool`, `mta.users`), which makes it safe while the daemon runs.
+Run as root with MTA_USER set (the Debian package), the operator commands
+act as that user, so the files they write stay the daemon's.
 Exit codes: 0 success, 1 operation failed, 2 usage or configuration error
 with one line naming the key or argument; never a traceback for bad input.
+
+`sendmail` (also reached as /usr/sbin/sendmail, mailq and newaliases, by
+the name the program is called under) speaks the Sendmail command line and
+exits with sysexits(3) codes instead; see `sendmail_main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import getopt
 import getpass
 import json
 import logging
@@ -100,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_commands.required = True
     for action in ("check", "show"):
         _config_option(cfg_commands.add_parser(action))
+
+    # Sendmail's own flags (-t, -oi, -f...) are not argparse's: pass them through.
+    sendmail = commands.add_parser("sendmail", add_help=False, prefix_chars="+",
+                                   help="Sendmail-compatible injection (-t, -i, -f, -F, -bp; also /usr/sbin/sendmail)")
+    sendmail.add_argument("arguments", nargs=argparse.REMAINDER, help="sendmail flags and recipients")
     return parser
 
 
@@ -108,6 +120,19 @@ def load_config(args) -> config_mod.Config:
         return config_mod.load(getattr(args, "config", None))
     except config_mod.ConfigError as error:
         raise CliError(f"configuration error: {error}", EXIT_USAGE) from None
+
+
+def _become_daemon_user(config) -> None:
+    """Root with MTA_USER set: act as that user, so users.json, keys, logs and
+    the queue index written here stay readable and writable by the daemon."""
+    if os.geteuid() != 0 or not config.user:
+        return
+    from mta.main import StartupError, drop_privileges
+    try:
+        drop_privileges(config)
+    except StartupError as error:
+        raise CliError(str(error), error.exit_code) from None
+    os.umask(0o027)  # as mta.service's UMask: logs and state are not world-readable
 
 
 def _cli_logging(config) -> None:
@@ -278,14 +303,153 @@ def cmd_serve(args, config) -> int:
         raise CliError(str(error), error.exit_code) from None
 
 
+# --- sendmail, mailq, newaliases ---
+
+# sysexits(3)
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 0, 64, 65, 66, 70, 75, 77, 78
+# Postfix sendmail(1)'s getopt string: every flag it knows is accepted here.
+SENDMAIL_OPTIONS = "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:q:r:tvx"
+SENDMAIL_USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F name] [-bp] [recipient ...]"
+SENDMAIL_PROGRAMS = ("sendmail", "mailq", "newaliases")
+
+
+def sendmail_main(argv: list[str] | None = None, prog: str = "sendmail", config_path: str | None = None) -> int:
+    """The Sendmail-compatible entry point: injection (-t, -i/-oi, -f, -F,
+    recipients), -bp (mailq), -bi/-I (newaliases), -q (flush).
+
+    Used by cron, PHP mail() and git send-email, run by any local user:
+    the message goes into the maildrop (mta.spool.pickup) and waits there
+    when the daemon is down. Flags that only tune Sendmail's own behaviour
+    (-odi, -oem, -om, -v, -B 8BITMIME, -N ..., -o...) are accepted and
+    ignored. Exit codes are sysexits(3): 64 bad flags or addresses, 65 bad
+    message (too big), 66 no input, 75 the queue cannot be written (try
+    again), 77 no permission, 78 configuration error, 70 internal error.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        return _sendmail(list(argv), prog, config_path)
+    except CliError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    except BrokenPipeError:
+        return EX_OK
+    except Exception as error:  # never a traceback: sysexits says "internal error"
+        print(f"{prog}: internal error: {error.__class__.__name__}: {error}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _sendmail(argv: list[str], prog: str, config_path: str | None) -> int:
+    from mta.spool import pickup
+    mode = {"mailq": "p", "newaliases": "i"}.get(prog, "m")
+    submission = pickup.Submission()
+    # `-q` alone means "run the queue now"; getopt wants an argument for -q.
+    argv = ["-q0" if argument == "-q" else argument for argument in argv]
+    try:
+        options, arguments = getopt.gnu_getopt(argv, SENDMAIL_OPTIONS, ["config="])
+    except getopt.GetoptError as error:
+        raise CliError(f"{error}; {SENDMAIL_USAGE}", EX_USAGE) from None
+    for flag, value in options:
+        if flag == "-t":
+            submission.extract = True
+        elif flag == "-i" or (flag == "-o" and value == "i"):
+            submission.ignore_dots = True
+        elif flag in ("-f", "-r"):
+            submission.sender = value
+        elif flag == "-F":
+            submission.full_name = value
+        elif flag == "-b":
+            mode = value
+        elif flag == "-I":
+            mode = "i"
+        elif flag == "-q":
+            mode = "q"
+        elif flag in ("-C", "--config"):
+            config_path = value
+        # anything else (-odi, -oem, -om, -v, -B, -N, -R, -V, -X, -L, -h, -O, -U, ...) is a no-op
+    try:
+        config = config_mod.load(config_path, check_files=False)
+    except config_mod.ConfigError as error:
+        raise CliError(f"configuration error: {error}", EX_CONFIG) from None
+
+    if mode == "p":
+        _become_daemon_user(config)
+        spool = _spool(config)
+        try:
+            items = spool.summaries()
+        except PermissionError:
+            raise CliError("cannot read the queue: permission denied (run mailq as root or as "
+                           f"{config.user or 'the daemon user'})", EX_NOPERM) from None
+        print_mailq(items)
+        return EX_OK
+    if mode == "q":
+        _become_daemon_user(config)
+        _spool(config).flush()
+        return EX_OK
+    if mode == "i":
+        # Aliases are read as text (at start and on SIGHUP): nothing to build, only to check.
+        from mta import aliases as aliases_mod
+        try:
+            aliases_mod.load(config.aliases, config.all_local_domains)
+        except aliases_mod.AliasError as error:
+            raise CliError(str(error), EXIT_FAILED) from None
+        return EX_OK
+    if mode != "m":
+        raise CliError(f"-b{mode}: mode not supported; {SENDMAIL_USAGE}", EX_USAGE)
+
+    submission.recipients = arguments
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise CliError("no standard input to read the message from", EX_NOINPUT)
+    try:
+        raw = pickup.read_input(stream, config.max_message_size * 2 + pickup.MAX_LINE, submission.ignore_dots)
+        # Check now, so the caller hears of a bad address from the exit code;
+        # the daemon checks again when it picks the file up.
+        pickup.build_message(submission, raw, user=pickup.LocalUser.from_uid(os.getuid()),
+                             domain=config.domain, hostname=config.hostname,
+                             max_size=config.max_message_size, queue_id="0" * 20)
+    except pickup.SubmissionError as error:
+        raise CliError(str(error), error.exit_code) from None
+    except OSError as error:
+        raise CliError(f"cannot read standard input: {error.strerror or error}", EX_NOINPUT) from None
+    directory = pickup.maildrop_path(config.spool_dir)
+    try:
+        if not os.path.isdir(directory) and _may_create_spool(config):
+            from mta.spool import Spool  # first use without a daemon (development)
+            Spool(config.spool_dir, config.queue_min_free).setup()
+        pickup.submit(config.spool_dir, submission, raw)
+    except OSError as error:
+        raise CliError(f"cannot write to the queue ({directory}): {error.strerror or error}", EX_TEMPFAIL) from None
+    return EX_OK
+
+
+def _may_create_spool(config) -> bool:
+    """Only the spool's owner creates it; root never does when the daemon runs
+    as MTA_USER (root-owned directories would lock the daemon out)."""
+    if os.geteuid() == 0 and config.user:
+        return False
+    try:
+        return os.stat(config.spool_dir).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return True
+
+
 HANDLERS = {"serve": cmd_serve, "queue": cmd_queue, "user": cmd_user, "dkim": cmd_dkim, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and os.path.basename(sys.argv[0]) in SENDMAIL_PROGRAMS:
+        # /usr/sbin/sendmail, /usr/bin/mailq, /usr/sbin/newaliases are links to mta.
+        return sendmail_main(sys.argv[1:], prog=os.path.basename(sys.argv[0]))
     args = build_parser().parse_args(argv)
+    if args.command == "sendmail":
+        return sendmail_main(args.arguments, config_path=getattr(args, "config", None))
     try:
         config = load_config(args)
         if args.command != "serve":
+            _become_daemon_user(config)
             _cli_logging(config)
         return HANDLERS[args.command](args, config)
     except CliError as error:

@@ -363,8 +363,13 @@ def read_file(path: str) -> dict[str, tuple[str, Any]]:
     return _flatten(table)
 
 
-def load(path: str | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Build the effective Config; raises ConfigError naming the bad key."""
+def load(path: str | None = None, environ: dict[str, str] | None = None, *,
+         check_files: bool = True) -> Config:
+    """Build the effective Config; raises ConfigError naming the bad key.
+
+    `check_files=False` skips the existence checks of files the caller will
+    not open (sendmail run by any user cannot see the TLS key).
+    """
     environ = dict(os.environ if environ is None else environ)
     config_file = find_config_file(path, environ)
     raw: dict[str, tuple[str, Any]] = {}
@@ -382,8 +387,9 @@ def load(path: str | None = None, environ: dict[str, str] | None = None) -> Conf
     for key in KEYS:
         if key.name in raw:
             label, value = raw[key.name]
+            parse = _parse_path if key.parse is _parse_existing_file and not check_files else key.parse
             try:
-                values[key.name] = key.parse(value)
+                values[key.name] = parse(value)
             except ValueError as error:
                 raise ConfigError(label, str(error)) from None
         elif key.default is not None:

@@ -395,6 +395,11 @@ def submit(spool_dir: str, submission: Submission, raw: bytes) -> str:
     return name
 
 
+def _printable(name: str) -> str:
+    """A hostile file name, safe for one log line."""
+    return name[:100].encode("unicode_escape").decode("ascii")
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -456,7 +461,7 @@ class Pickup:
                 if self.process(name):
                     count += 1
             except Exception as error:
-                log.error("maildrop/%s: %s: %s", name, error.__class__.__name__, error)
+                log.error("maildrop/%s: %s: %s", _printable(name), error.__class__.__name__, error)
                 self._quarantine(name, f"internal error: {error.__class__.__name__}")
         return count
 
@@ -587,7 +592,7 @@ class Pickup:
         try:
             os.makedirs(self.corrupt, mode=0o750, exist_ok=True)
             os.rename(path, target)
-            log.error("maildrop/%s%s: moved to corrupt/%s: %s", name[:100].encode("unicode_escape").decode(),
+            log.error("maildrop/%s%s: moved to corrupt/%s: %s", _printable(name),
                       owner, os.path.basename(target), reason)
             return
         except FileNotFoundError:
@@ -597,12 +602,12 @@ class Pickup:
         try:
             # A directory we may not move (its owner's): remove it when empty.
             os.rmdir(path)
-            log.error("maildrop/%s%s: removed: %s", name[:100].encode("unicode_escape").decode(), owner, reason)
+            log.error("maildrop/%s%s: removed: %s", _printable(name), owner, reason)
             return
         except OSError:
             pass
         log.error("maildrop/%s%s: ignored: %s; cannot move it to corrupt/: %s",
-                  name[:100].encode("unicode_escape").decode(), owner, reason, problem)
+                  _printable(name), owner, reason, problem)
         self._remember(name)
 
     def _remember(self, name: str) -> None:

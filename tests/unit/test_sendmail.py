@@ -511,3 +511,13 @@ def test_program_name_dispatch(config_file, tmp_path, monkeypatch, capsys):
     Spool(str(tmp_path / "spool")).setup()
     monkeypatch.setattr(sys, "argv", ["/usr/bin/mailq"])
     assert cli.main() == 0 and "Mail queue is empty" in capsys.readouterr().out
+
+
+def test_root_does_not_create_the_daemons_spool(config_file, tmp_path, monkeypatch, capsys):
+    """With MTA_USER set, a missing maildrop is a temporary failure for root, not
+    a reason to create root-owned spool directories the daemon cannot use."""
+    monkeypatch.setenv("MTA_USER", "mta")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    code, _, err = run_sendmail(monkeypatch, capsys, ["a@example.org"])
+    assert code == 75 and "cannot write to the queue" in err
+    assert not (tmp_path / "spool").exists()
