@@ -29,7 +29,8 @@ _LABEL_ASCII = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _LABEL_UTF8 = re.compile(r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])*(?:[A-Za-z0-9]|[^\x00-\x7f]))?\Z")
 _QTEXT_SMTP = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\Z')
 _QTEXT_SMTP_UTF8 = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*\Z')
-_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
+# RFC 5321 4.1.3 dcontent, less "<" and ">" so the path stays unambiguous.
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x3b\x3d\x3f-\x5a\x5e-\x7e]+\Z")
 
 
 def _octets(text: str) -> int:
@@ -59,6 +60,8 @@ def check_domain(domain: str, utf8: bool) -> None:
         literal = domain[1:-1]
         try:
             if literal.lower().startswith("ipv6:"):
+                if "%" in literal:   # RFC 5321 4.1.3 has no zone index
+                    raise ValueError(literal)
                 ipaddress.IPv6Address(literal[5:])
             elif ":" in literal:
                 if not _GENERAL_LITERAL.match(literal):

@@ -137,16 +137,8 @@ def _become_daemon_user(config) -> None:
 
 def _cli_logging(config) -> None:
     """Operator actions are recorded in mta.log when it is writable."""
-    root = logging.getLogger("mta")
-    root.propagate = False
-    root.setLevel(logging.INFO)
-    try:
-        from mta.logs import FORMAT, _IsoFormatter
-        handler = logging.handlers.WatchedFileHandler(os.path.join(config.log_dir, "mta.log"), encoding="utf-8")
-        handler.setFormatter(_IsoFormatter(FORMAT))
-        root.handlers[:] = [handler]
-    except OSError:
-        root.handlers[:] = [logging.NullHandler()]
+    from mta.logs import configure_cli
+    configure_cli(config.log_dir)
 
 
 # --- queue ---

@@ -18,7 +18,16 @@ import signal
 import threading
 import time
 
+# Everything is imported here, before the privilege drop: the unprivileged
+# user may not be able to read the interpreter's or the venv's files.
 from mta import aliases as aliases_mod
+from mta import safeio
+from mta.admin.deps import DaemonAbuseState
+from mta.admin.serve import start_admin
+from mta.delivery.local import LmtpCourier, MaildirCourier
+from mta.delivery.pool import Deliverer, DeliveryPool
+from mta.delivery.scheduler import Scheduler
+from mta.delivery.smtp_client import SmtpClient
 from mta import config as config_mod
 from mta import logs
 from mta.dns import Resolver
@@ -30,6 +39,8 @@ from mta.smtp import server as smtp_server
 from mta.smtp.auth import Lockout
 from mta.smtp.tls import TlsProvider
 from mta.spool import Spool
+from mta.spool.pickup import Pickup
+from mta.spool.spool import MAILDROP, STATES
 from mta.users import UserStore
 
 log = logging.getLogger("mta.main")
@@ -57,7 +68,6 @@ def ensure_admin_token(config) -> str:
             return token
     except FileNotFoundError:
         pass
-    from mta import safeio
     token = secrets.token_urlsafe(32)
     safeio.atomic_write(path, (token + "\n").encode("ascii"), mode=0o600)
     return token
@@ -94,7 +104,6 @@ def give_state_to(config, uid: int, gid: int) -> None:
     chown a system directory. Files in maildrop/ keep their owners (the
     owner is the submitting user).
     """
-    from mta.spool.spool import MAILDROP, STATES
     spool = config.spool_dir
     paths = [spool, *(os.path.join(spool, name) for name in ("tmp", *STATES, "corrupt", MAILDROP, "index.json")),
              config.data_dir, config.admin_token_file, config.tls_dir,
@@ -126,7 +135,6 @@ def drop_privileges(config) -> None:
 
 
 def make_local_courier(config):
-    from mta.delivery.local import LmtpCourier, MaildirCourier
     if config.lmtp:
         return LmtpCourier(config.lmtp, config.hostname)
     return MaildirCourier(config.mailbox_dir)
@@ -142,7 +150,7 @@ class Daemon:
     def build(self) -> None:
         config = self.config
         make_dirs(config)
-        logs.configure(config.log_dir)
+        self.logs = logs.Logs(config.log_dir)
         self.spool = Spool(config.spool_dir, config.queue_min_free)
         queued = self.spool.recover()
         self.users = UserStore(config.data_dir)
@@ -157,7 +165,8 @@ class Daemon:
         self.smtp = smtp_server.SmtpContext(config=config, spool=self.spool, users=self.users,
                                             aliases=aliases, lockout=lockout, policy=self.policy,
                                             resolver=self.resolver, ratelimiter=self.ratelimiter,
-                                            greylist=self.greylist, psl=PslHolder(), tls=tls)
+                                            greylist=self.greylist, psl=PslHolder(), tls=tls,
+                                            transcript=self.logs.transcript)
         try:
             self.listeners = smtp_server.open_listeners(config, self.smtp)
         except OSError as error:
@@ -165,7 +174,6 @@ class Daemon:
         drop_privileges(config)
         self.build_delivery()
         self.build_admin()
-        from mta.spool.pickup import Pickup  # sendmail's maildrop (mta sendmail)
         self.pickup = Pickup(self.spool, lambda: self.config)
         log.info("mta started: hostname=%s domains=%s, %d messages queued, listening on %s",
                  config.hostname, ",".join(sorted(config.all_local_domains)), queued,
@@ -173,15 +181,12 @@ class Daemon:
 
     def build_delivery(self) -> None:
         """Scheduler + worker pool; with MTA_DELIVERY_WORKERS=0 mail just queues."""
-        from mta.delivery.scheduler import Scheduler
         config = self.config
         self.scheduler = Scheduler(self.spool)
         self.pool = None
         if config.delivery_workers <= 0:
             log.info("delivery paused (delivery_workers = 0): mail stays queued")
             return
-        from mta.delivery.pool import Deliverer, DeliveryPool
-        from mta.delivery.smtp_client import SmtpClient
         smtp_client = SmtpClient(config.hostname, self.resolver, port=config.smtp_port,
                                  relayhost=config.relayhost, timeout=config.smtp_client_timeout)
         deliverer = Deliverer(self.smtp, self.scheduler, smtp_client, make_local_courier(config))
@@ -190,8 +195,6 @@ class Daemon:
 
     def build_admin(self) -> None:
         """Queue metrics collector and the admin API (Waitress threads; port_admin = 0: none)."""
-        from mta.admin.deps import DaemonAbuseState
-        from mta.admin.serve import start_admin
         paused = self.pool is None
         try:
             self.admin = start_admin(

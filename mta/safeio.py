@@ -47,9 +47,26 @@ def atomic_write(path: str, data: bytes, mode: int = 0o640, *, sync_dir: bool = 
         fsync_dir(directory)
 
 
+def json_bytes(value: Any) -> bytes:
+    """Readable, stable JSON for files people look at."""
+    return json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 def write_json(path: str, value: Any, mode: int = 0o640, *, sync_dir: bool = True) -> None:
-    data = json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-    atomic_write(path, data, mode, sync_dir=sync_dir)
+    atomic_write(path, json_bytes(value), mode, sync_dir=sync_dir)
+
+
+def write_new(path: str, data: bytes, mode: int = 0o640) -> None:
+    """Create `path` (which must not exist) with `data`, fsynced. Only for a
+    directory nobody else can see yet; elsewhere use atomic_write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str) -> Any:

@@ -29,6 +29,7 @@ log = logging.getLogger("mta.delivery")
 CONNECT_TIMEOUT = 30.0
 DESTINATION_CONCURRENCY = 20   # like Postfix's default_destination_concurrency_limit
 CACHE_IDLE = 5.0               # seconds a finished connection waits for reuse
+_REPLY_CODE = re.compile(r"[2-5][0-9][0-9]")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -81,7 +82,8 @@ class Connection:
             if not line:
                 raise ProtocolError("connection closed by peer")
             text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+            # RFC 5321 4.2: three ASCII digits, the first 2-5, then " " or "-".
+            if not _REPLY_CODE.match(text) or (len(text) > 3 and text[3] not in " -"):
                 raise ProtocolError(f"malformed reply {text[:80]!r}")
             lines.append(text[4:])
             if len(text) == 3 or text[3] == " ":
@@ -298,7 +300,7 @@ class SmtpClient:
             return self._all(addresses, Result.permanent(
                 "5.6.7", f"SMTPUTF8 is required, but was not offered by host {label}", label))
         limit = ext.get("SIZE", "")
-        if limit.isdigit() and int(limit) and size > int(limit):
+        if re.fullmatch(r"[0-9]{1,20}", limit) and int(limit) and size > int(limit):
             return self._all(addresses, Result.permanent(
                 "5.3.4", f"message size {size} exceeds size limit {limit} of server {label}", label))
         mail = f"MAIL FROM:<{envelope.sender}>"

@@ -106,6 +106,7 @@ class Content:
 def read_data(reader: BinaryIO, content: Content) -> None:
     """Read DATA content up to CRLF.CRLF into `content` (RFC 5321 4.1.1.4)."""
     at_line_start = True
+    previous_ended_in_cr = False
     readline = reader.readline
     while True:
         segment = readline(MAX_LINE + 1)
@@ -119,8 +120,10 @@ def read_data(reader: BinaryIO, content: Content) -> None:
         complete = segment[-1:] == b"\n"
         content.line(segment, at_line_start, complete)
         # Only CRLF ends a line: after "\n" alone, ".\r\n" is not the end of
-        # data ("\n.\r\n" smuggling, CVE-2023-51764).
-        at_line_start = segment[-2:] == b"\r\n"
+        # data ("\n.\r\n" smuggling, CVE-2023-51764). The CR of a CRLF may
+        # close the previous read when an over-long line was split there.
+        at_line_start = segment[-2:] == b"\r\n" or (segment == b"\n" and previous_ended_in_cr)
+        previous_ended_in_cr = segment[-1:] == b"\r"
 
 
 def read_chunk(reader: BinaryIO, size: int, sink: Callable[[bytes], None] | None) -> None:

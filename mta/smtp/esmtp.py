@@ -36,14 +36,27 @@ def _unsupported(detail: str) -> ParamError:
 
 
 def decode_xtext(text: str) -> str:
-    """RFC 3461 4: xtext, `+XX` hex escapes for unsafe characters."""
+    """RFC 3461 4: xtext, `+XX` hex escapes of octets; the octets are UTF-8.
+
+    Control characters are refused: ENVID and ORCPT end up in envelopes,
+    logs and DSNs, where a CR or LF could forge lines.
+    """
     if not _XTEXT.match(text):
         raise ValueError("malformed xtext")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    octets = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii"))
+    try:
+        decoded = octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("xtext is not UTF-8") from None
+    if any(ord(char) < 32 or ord(char) == 127 for char in decoded):
+        raise ValueError("control character in xtext")
+    return decoded
 
 
 def encode_xtext(text: str) -> str:
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
+    """The inverse of decode_xtext: UTF-8 octets, unsafe ones as +XX."""
+    return "".join(chr(octet) if 33 <= octet <= 126 and octet not in b"+=" else f"+{octet:02X}"
+                   for octet in text.encode("utf-8"))
 
 
 def split_params(text: str) -> dict[str, str | None]:
@@ -82,7 +95,7 @@ def parse_mail_params(text: str) -> MailParams:
     result = MailParams()
     for keyword, value in split_params(text).items():
         if keyword == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not re.fullmatch(r"[0-9]{1,20}", value):
                 raise _bad("SIZE requires a number (RFC 1870)")
             result.size = int(value)
         elif keyword == "BODY":
@@ -104,6 +117,8 @@ def parse_mail_params(text: str) -> MailParams:
                 envid = decode_xtext(value or "")
             except ValueError:
                 raise _bad("ENVID must be xtext (RFC 3461 4.4)") from None
+            if not envid.isascii():
+                raise _bad("ENVID must be printable US-ASCII (RFC 3461 4.4)")
             if not envid or len(value or "") > MAX_ENVID:
                 raise _bad("ENVID must be 1 to 100 characters (RFC 3461 4.4)")
             result.envid = envid
@@ -141,6 +156,8 @@ def parse_rcpt_params(text: str) -> RcptParams:
                 decoded = decode_xtext(xtext)
             except ValueError:
                 raise _bad("ORCPT must be addr-type;xtext (RFC 3461 4.2)") from None
+            if not decoded.isascii():   # RFC 6533 utf-8-addr-xtext is ASCII too
+                raise _bad("ORCPT must be printable US-ASCII (RFC 3461 4.2)")
             result.orcpt = f"{addr_type.lower()};{decoded}"
         else:
             raise _unsupported(f"unsupported parameter {keyword}")

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import socket
 import socketserver
+import _thread
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class SmtpContext:
     greylist: object = None
     psl: object = None
     tls: object = None
+    transcript: object = None        # mta.logs.Transcript (smtp.log)
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     stopping: threading.Event = field(default_factory=threading.Event)
     sessions: set = field(default_factory=set)
@@ -119,6 +121,16 @@ class Listener(socketserver.ThreadingTCPServer):
             self.server_close()
             raise
         self.thread: threading.Thread | None = None
+
+    def process_request(self, request, client_address) -> None:
+        """A session thread per connection, started without waiting for it.
+
+        threading.Thread.start() blocks the accept loop until the new thread
+        has run, which costs up to a GIL switch interval per connection
+        under load (smtp-source opens one connection per message). The
+        session registry in SmtpContext, not threading, tracks sessions.
+        """
+        _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
     def handle_error(self, request, client_address) -> None:
         # A session bug must cost one log line, never a traceback to the client.

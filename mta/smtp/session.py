@@ -18,6 +18,7 @@ import email.utils
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from mta.smtp.esmtp import MailParams, ParamError, parse_mail_params, parse_rcpt
 from mta.spool import Envelope, IncomingMessage, Recipient
 
 log = logging.getLogger("mta.smtp")
-transcript = logging.getLogger("mta.transcript")
 
+DIGITS = re.compile(r"[0-9]+")   # str.isdigit() also accepts "²", which int() refuses
 MAX_COMMAND = 512          # RFC 5321 4.5.3.1.4, including CRLF
 MAX_ENVELOPE_COMMAND = 1024  # MAIL/RCPT with RFC 3461 parameters (ORCPT: +500)
 MAX_AUTH_LINE = 12288      # RFC 4954 4
@@ -101,6 +102,7 @@ class Session:
         self.idle = True          # waiting for a command outside a transaction
         self.whitelisted = False  # skips greylisting, RBL and rate limits
         self.blocked: Reply | None = None   # DNSBL listing: only QUIT is served
+        self._pending: list[str] = []       # transcript lines not yet written
 
     # --- the connection ---
 
@@ -152,7 +154,7 @@ class Session:
             try:
                 line = self._read_line(MAX_AUTH_LINE)
             except BadLine as bad:
-                transcript.info("%s < %s", self.label, bad.description)
+                self._transcript(f"< {bad.description}")
                 self.send(bad.reply)
                 continue
             self.idle = False
@@ -170,6 +172,7 @@ class Session:
         return "DATA" if self.transaction.message else ("RCPT" if self.transaction.recipients else "MAIL")
 
     def _close(self) -> None:
+        self._flush_transcript()
         try:
             if self.reader is not None:
                 self.reader.close()
@@ -218,10 +221,24 @@ class Session:
             raise BadLine(replies.BARE_LF_COMMAND, "(line with bare CR or LF)")
         return line[:-2]
 
+    def _transcript(self, text: str) -> None:
+        self._pending.append(text)
+
+    def _flush_transcript(self) -> None:
+        """One write per reply: the client's lines since the last reply and the reply."""
+        if self._pending:
+            if self.ctx.transcript is not None:
+                self.ctx.transcript.write(self.label, self._pending)
+            self._pending = []
+
     def _write(self, reply: Reply) -> None:
-        self.sock.sendall(reply.wire())
         for text in reply.lines():
-            transcript.info("%s > %s", self.label, text)
+            self._pending.append(f"> {text}")
+        # The transcript is written per transaction, not per line: every
+        # write(2) releases the GIL, and hand-offs dominated the profile.
+        if reply.code != 250 or len(self._pending) > 64 or self.transaction is None:
+            self._flush_transcript()
+        self.sock.sendall(reply.wire())
 
     def _try_send(self, reply: Reply) -> None:
         try:
@@ -256,16 +273,16 @@ class Session:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            transcript.info("%s < %r", self.label, raw[:100])
+            self._transcript(f"< {raw[:100]!r}")
             return replies.UNKNOWN_COMMAND.with_text("Error: invalid characters in command")
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
         if verb == "AUTH":
             # Never log an initial response: it holds the password (RFC 4954).
             mechanism = argument.split(" ", 1)[0][:20]
-            transcript.info("%s < AUTH %s%s", self.label, mechanism, " ****" if " " in argument.strip() else "")
+            self._transcript(f"< AUTH {mechanism}{' ****' if ' ' in argument.strip() else ''}")
         else:
-            transcript.info("%s < %s", self.label, line)
+            self._transcript(f"< {line}")
         method = VERBS.get(verb)
         metrics.SMTP_COMMANDS.labels(port=self.mode, command=verb if method else "other").inc()
         if "\0" in line:
@@ -461,7 +478,7 @@ class Session:
             raise sasl.AuthDecodeError("bad line") from None
         if line is None:
             raise ClientGone()
-        transcript.info("%s < ****", self.label)
+        self._transcript("< ****")
         text = line.decode("ascii", "replace").strip()
         if text == "*":
             raise _AuthCancelled()
@@ -713,7 +730,7 @@ class Session:
 
     def smtp_bdat(self, argument: str) -> Reply:
         parts = argument.split()
-        if not (1 <= len(parts) <= 2) or not parts[0].isdigit() or len(parts[0]) > 15 \
+        if not (1 <= len(parts) <= 2) or not DIGITS.fullmatch(parts[0]) or len(parts[0]) > 15 \
                 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             # Without a valid size we cannot find the next command: hang up.
             self._write(replies.SYNTAX.fmt(usage="BDAT size [LAST]"))
@@ -754,8 +771,8 @@ class Session:
         try:
             refusal = self._authenticate(tx, content)
         except OSError as error:
-            tx.abort()
             log.error("%s: cannot rewrite queue file: %s", tx.message.id, error)
+            tx.abort()
             return replies.LOCAL_ERROR
         if refusal is not None:
             tx.abort()
@@ -769,8 +786,8 @@ class Session:
         try:
             entry = tx.message.commit(envelope)
         except OSError as error:
-            tx.abort()
             log.error("%s: queue file write error: %s", tx.message.id, error)
+            tx.abort()
             return replies.INSUFFICIENT_STORAGE if error.errno == 28 else replies.LOCAL_ERROR
         metrics.MESSAGES_RECEIVED.labels(port=self.mode).inc()
         log.info("%s: client=%s, helo=<%s>, proto=%s%s, from=<%s>, size=%d, nrcpt=%d (queue active)",

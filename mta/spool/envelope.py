@@ -35,6 +35,35 @@ def parse_iso(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text)
 
 
+_TYPES = {"str": (str,), "int": (int,), "bool": (bool,), "str | None": (str, type(None)),
+          "int | None": (int, type(None)), "list[str] | None": (list, type(None))}
+
+
+def _check_types(item) -> None:
+    """Every field has the type its annotation says (a damaged file must be
+    quarantined at start-up, not crash a delivery later)."""
+    for name, annotation in item.__annotations__.items():
+        value = getattr(item, name)
+        allowed = _TYPES.get(annotation)
+        if allowed is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise EnvelopeError(f"malformed envelope: {name} is {type(value).__name__}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise EnvelopeError(f"malformed envelope: {name} holds a non-string")
+    if hasattr(item, "arrival"):
+        try:
+            parse_iso(item.arrival)
+            if item.next_attempt is not None:
+                parse_iso(item.next_attempt)
+        except ValueError:
+            raise EnvelopeError("malformed envelope: bad timestamp") from None
+    if hasattr(item, "status") and item.status not in (PENDING, DEFERRED, DELIVERED, BOUNCED):
+        raise EnvelopeError(f"malformed envelope: unknown recipient status {item.status!r}")
+    if hasattr(item, "address") and "@" not in item.address:
+        raise EnvelopeError(f"malformed envelope: recipient {item.address!r} is not an address")
+
+
 @dataclass
 class Recipient:
     address: str
@@ -90,8 +119,10 @@ class Envelope:
             envelope = cls(recipients=recipients, **fields)
         except (TypeError, KeyError) as error:
             raise EnvelopeError(f"malformed envelope: {error}") from None
-        if not isinstance(envelope.id, str) or not isinstance(envelope.sender, str) or not recipients:
-            raise EnvelopeError("malformed envelope: id, sender or recipients")
+        if not recipients:
+            raise EnvelopeError("malformed envelope: no recipients")
+        for item in (envelope, *recipients):
+            _check_types(item)
         return envelope
 
     @property

@@ -320,7 +320,7 @@ def build_message(submission: Submission, raw: bytes, *, user: LocalUser, domain
         full_name = submission.full_name if submission.full_name is not None else user.gecos
         full_name = re.sub(r"[\x00-\x1f\x7f]", " ", full_name).strip()[:MAX_FULL_NAME]
         address = sender or f"MAILER-DAEMON@{hostname}"
-        added.append(b"From: " + email.utils.formataddr((full_name, address), "utf-8").encode("utf-8"))
+        added.append(b"From: " + _from_header(full_name, address).encode("utf-8"))
     if "date" not in names:
         added.append(b"Date: " + email.utils.formatdate(now, localtime=True).encode("ascii"))
     if "message-id" not in names:
@@ -613,3 +613,14 @@ class Pickup:
     def _remember(self, name: str) -> None:
         if len(self._ignored) < MAX_IGNORED:
             self._ignored.add(name)
+
+
+def _from_header(full_name: str, address: str) -> str:
+    """`Name <address>`; a UTF-8 address is written as is (RFC 6532), since
+    email.utils.formataddr only encodes the display name."""
+    if address.isascii():
+        return email.utils.formataddr((full_name, address), "utf-8")
+    if not full_name:
+        return f"<{address}>"
+    name = email.utils.formataddr((full_name, "x@x"), "utf-8").rsplit("<", 1)[0].strip()
+    return f"{name} <{address}>"

@@ -50,7 +50,8 @@ STATE_BY_STATUS = {status: state for state, status in STATUS_BY_STATE.items()}
 STATES = tuple(STATUS_BY_STATE)
 QUEUE_ID_RE = re.compile(r"[0-9A-F]{14}[0-9A-F]{6}\Z")
 LOCK_WAIT = 10.0
-MAX_FIELD_CHECK = 65536  # header fields longer than this are not inspected when rewriting  # seconds an operator command waits for a delivery to finish
+MAX_FIELD_CHECK = 65536
+FREE_SPACE_CHECK = 1.0   # seconds a free-space measurement is reused  # header fields longer than this are not inspected when rewriting  # seconds an operator command waits for a delivery to finish
 MAILDROP = "maildrop"
 MAILDROP_MODE = 0o1733  # any local user may drop a file; only the owner may list (sticky)
 
@@ -126,6 +127,17 @@ def _claims_authserv(field: list[bytes], authserv_id: str) -> bool:
     return bool(first) and first[0].lower() == authserv_id.lower()
 
 
+def _valid_summary(value) -> bool:
+    """A cached listing entry is used only if it has the listing's shape."""
+    if not isinstance(value, dict):
+        return False
+    shape = {"id": str, "status": str, "size": int, "arrival": str, "sender": str, "recipients": list}
+    if not all(isinstance(value.get(key), kind) for key, kind in shape.items()):
+        return False
+    return all(isinstance(r, dict) and isinstance(r.get("address"), str) and isinstance(r.get("status"), str)
+               for r in value["recipients"])
+
+
 class IncomingMessage:
     """A message being received into tmp/<id>/; `commit` or `abort` it."""
 
@@ -192,11 +204,12 @@ class IncomingMessage:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        safeio.write_json(os.path.join(self.path, ENVELOPE_FILE), envelope.to_dict(), sync_dir=False)
+        # Nobody can see tmp/<id>/ yet: the envelope needs no temp+rename.
+        safeio.write_new(os.path.join(self.path, ENVELOPE_FILE), safeio.json_bytes(envelope.to_dict()))
         safeio.fsync_dir(self.path)
         target = os.path.join(self.spool.root, "incoming", self.id)
         os.rename(self.path, target)
-        safeio.fsync_dir(os.path.dirname(target))
+        self.spool.fsync_state_dir("incoming")
         self.spool.notify_new(self.id)
         return Entry(self.id, "incoming", target)
 
@@ -214,6 +227,8 @@ class Spool:
         self.min_free = min_free
         self._index_lock = threading.Lock()
         self._listeners: list = []
+        self._free_cache = (-FREE_SPACE_CHECK, 0)
+        self._dir_fds: dict[str, int] = {}
 
     # --- set-up and recovery ---
 
@@ -268,11 +283,28 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
     def has_room(self, size: int = 0) -> bool:
-        """Postfix-like queue_minfree: keep min_free bytes after this message."""
-        try:
-            return self.free_bytes() - size >= self.min_free
-        except OSError:
-            return False
+        """Postfix-like queue_minfree: keep min_free bytes after this message.
+
+        The free space is measured at most every FREE_SPACE_CHECK seconds;
+        a write that still runs out of space is caught (452) where it fails.
+        """
+        now = time.monotonic()
+        checked, free = self._free_cache
+        if now - checked >= FREE_SPACE_CHECK:
+            try:
+                free = self.free_bytes()
+            except OSError:
+                return False
+            self._free_cache = (now, free)
+        return free - size >= self.min_free
+
+    def fsync_state_dir(self, state: str) -> None:
+        """fsync a state directory through a descriptor kept open."""
+        fd = self._dir_fds.get(state)
+        if fd is None:
+            fd = os.open(os.path.join(self.root, state), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._dir_fds.setdefault(state, fd)
+        os.fsync(fd)
 
     def new_message(self) -> IncomingMessage:
         return IncomingMessage(self)
@@ -375,7 +407,7 @@ class Spool:
                 except FileNotFoundError:
                     continue  # being moved or removed right now
                 item = cached.get(key)
-                if not (isinstance(item, dict) and item.get("mtime_ns") == mtime and isinstance(item.get("summary"), dict)):
+                if not (isinstance(item, dict) and item.get("mtime_ns") == mtime and _valid_summary(item.get("summary"))):
                     try:
                         item = {"mtime_ns": mtime, "summary": summary(self.load(entry), entry.status)}
                     except (OSError, EnvelopeError):
@@ -443,7 +475,7 @@ class Spool:
             return entry
         target = os.path.join(self.root, state, entry.id)
         os.rename(entry.path, target)
-        safeio.fsync_dir(os.path.dirname(target))
+        self.fsync_state_dir(state)
         return Entry(entry.id, state, target)
 
     def write_envelope(self, entry: Entry, envelope: Envelope) -> None:
