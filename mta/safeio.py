@@ -35,13 +35,13 @@ def atomic_write(path: str, data: bytes, mode: int = 0o640, *, sync_dir: bool = 
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         raise
     os.close(fd)
     try:
         os.replace(temp, path)
     except BaseException:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         raise
     if sync_dir:
         fsync_dir(directory)
@@ -74,7 +74,7 @@ def read_json(path: str) -> Any:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

@@ -379,14 +379,14 @@ def submit(spool_dir: str, submission: Submission, raw: bytes) -> str:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(temp)
+        safeio.unlink_quietly(temp)
         raise
     os.close(fd)
     name = f"{new_queue_id()}.{secrets.token_hex(8)}"
     try:
         os.rename(temp, os.path.join(directory, name))
     except BaseException:
-        _unlink_quietly(temp)
+        safeio.unlink_quietly(temp)
         raise
     try:
         safeio.fsync_dir(directory)
@@ -398,13 +398,6 @@ def submit(spool_dir: str, submission: Submission, raw: bytes) -> str:
 def _printable(name: str) -> str:
     """A hostile file name, safe for one log line."""
     return name[:100].encode("unicode_escape").decode("ascii")
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 # --- the daemon side ---
