@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,48 +18,9 @@ import pytest
 
 from conftest import free_ports, make_message
 from support.fixtures import dns_server  # noqa: F401  (fixture)
+from support.sink import Sink
 
 pytestmark = pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="postfix's smtp-sink is not installed")
-
-
-class Sink:
-    """smtp-sink on 127.0.0.1:port, dumping each message to `dir`."""
-
-    def __init__(self, port: int, *options: str):
-        self.port = port
-        # smtp-sink drops to nobody when run as root, and pytest's tmp_path is
-        # private to root: the dump directory lives in a world-usable place.
-        self.dir = Path(tempfile.mkdtemp(prefix=f"mta-sink-{port}-"))
-        os.chmod(self.dir, 0o777)
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen(["smtp-sink", *user, *options, "-d", f"{self.dir}/msg.",
-                                      f"127.0.0.1:{port}", "64"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"smtp-sink did not start: {self.proc.stderr.read()}")
-
-    def messages(self) -> list[bytes]:
-        return [p.read_bytes() for p in sorted(self.dir.iterdir())]
-
-    def received(self, text: bytes):
-        """A predicate for wait_for: the dumped message containing `text` (dumps
-        are written while the message arrives, so match on content)."""
-        return lambda: next((m for m in self.messages() if text in m), None)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -77,8 +34,7 @@ def sinks():
 
     yield make
     for sink in started:
-        sink.stop()
-        shutil.rmtree(sink.dir, ignore_errors=True)
+        sink.cleanup()
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):

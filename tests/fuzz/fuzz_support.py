@@ -16,15 +16,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -211,45 +206,6 @@ def smtp_dialog(conn: FakeConn, *, ehlo_extra: tuple[str, ...] = (), on_data=Non
             conn.send(b"502 5.5.2 what?\r\n")
 
 
-class Sink:
-    """smtp-sink on 127.0.0.1:port dumping each message into its own file in `dir`."""
+from support.sink import Sink  # noqa: E402,F401  (re-exported for the fuzz tests)
 
-    def __init__(self, port: int, *options: str):
-        self.port = port
-        # smtp-sink drops to nobody when run as root: the dump directory must be world-usable.
-        self.dir = Path(tempfile.mkdtemp(prefix=f"mta-fuzz-sink-{port}-"))
-        os.chmod(self.dir, 0o777)
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen(["smtp-sink", *user, *options, "-d", f"{self.dir}/msg.",
-                                      f"127.0.0.1:{port}", "256"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"smtp-sink did not start: {self.proc.stderr.read()}")
 
-    def messages(self) -> list[bytes]:
-        out = []
-        for path in sorted(self.dir.iterdir()):
-            try:
-                out.append(path.read_bytes())
-            except OSError:
-                continue
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
