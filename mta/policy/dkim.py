@@ -93,6 +93,14 @@ def _tags(raw: bytes) -> dict[str, str]:
     return tags
 
 
+def has_keys(data_dir: str) -> bool:
+    """Is there any signing key at all (one directory listing)?"""
+    try:
+        return any(entry.is_dir() for entry in os.scandir(os.path.join(data_dir, "dkim")))
+    except OSError:
+        return False
+
+
 def find_key(data_dir: str, domain: str) -> tuple[str, str, str] | None:
     """(signing domain, selector, key path) for `domain` or a parent domain."""
     labels = domain.lower().rstrip(".").split(".")

@@ -804,7 +804,8 @@ class Session:
         config = self.config
         trusted = self._trusted()
         verify = not trusted and (config.spf_enabled or config.dkim_enabled or config.dmarc_enabled)
-        signing = trusted and config.dkim_enabled
+        # Reading the message back only pays off when some domain has a key.
+        signing = trusted and config.dkim_enabled and dkim.has_keys(config.data_dir)
         if not verify and not signing:
             return None
         small = content.size <= dkim.MAX_DKIM_SIZE
