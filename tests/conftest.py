@@ -79,6 +79,25 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def poll(predicate, timeout: float = 15.0, interval: float = 0.1):
+    """The predicate's first truthy value, or its last (falsy) one when time
+    is up: for `assert poll(...), <diagnostics>`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.1):
+    """Like poll, but a timeout fails the test, naming `what` was awaited."""
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return value
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
     socks = []

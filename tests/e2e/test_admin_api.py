@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import REPO_ROOT, assert_reply
+from conftest import poll as wait_for
 
 TOKEN = "test-admin-token"
 STATUSES = ("active", "deferred", "hold", "bounce")
@@ -133,17 +134,6 @@ def assert_error(response: Response, status: int, error: str | None = None, deta
     if detail is not None:
         assert re.search(detail, str(data["detail"]), re.I), data
     return data
-
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def unverified_context() -> ssl.SSLContext:

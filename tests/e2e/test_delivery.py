@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, make_message
+from conftest import free_ports, make_message, wait_for
 from support.fixtures import dns_server  # noqa: F401  (fixture)
 from support.sink import Sink
 
@@ -35,16 +35,6 @@ def sinks():
     yield make
     for sink in started:
         sink.cleanup()
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def maildir_messages(mta, address: str) -> list[bytes]:

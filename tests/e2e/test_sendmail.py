@@ -19,24 +19,18 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT, write_toml
+from conftest import wait_for as _wait_for
 
 PICKUP_TIMEOUT = 15.0
 
 
 def wait_for(predicate, timeout: float = PICKUP_TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    return _wait_for(predicate, timeout, what)
 
 
 def sendmail(server, *args: str, stdin: bytes = b"", env: dict | None = None, cwd=None,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import poll as wait_for
 from conftest import (DEFAULT_ALIASES, HOSTNAME, SMTPConn, assert_reply,
                       make_message, send_mail)
 
@@ -138,15 +139,6 @@ def queued_id(text: str) -> str:
     m = re.search(r"queued as (\S+)", text)
     assert m, f"no 'queued as' in:\n{text}"
     return m.group(1)
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def make_cert(directory: Path, cn: str) -> tuple[Path, Path]:

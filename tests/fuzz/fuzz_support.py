@@ -49,17 +49,6 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 class FakeSMTPServer:
     """A listening socket on `host` (127.0.0.1); `behaviour(conn)` runs per connection.
 
@@ -206,6 +195,7 @@ def smtp_dialog(conn: FakeConn, *, ehlo_extra: tuple[str, ...] = (), on_data=Non
             conn.send(b"502 5.5.2 what?\r\n")
 
 
+from conftest import wait_for  # noqa: E402,F401  (re-exported for the fuzz tests)
 from support.sink import Sink  # noqa: E402,F401  (re-exported for the fuzz tests)
 
 
