@@ -4,8 +4,8 @@ Owns the admin listening sockets and the Waitress server. `start_admin`
 (called once by `mta.main.Daemon.build`) registers the queue metrics
 collector, binds every MTA_ADMIN_ADDRESS on MTA_PORT_ADMIN (0 disables the
 API) and starts serving; a bind error raises OSError with one line naming
-port_admin, which stops start-up. `AdminServer.close` stops accepting and
-lets Waitress's worker threads finish their requests.
+port_admin, which stops start-up. `AdminServer.close` stops accepting,
+lets Waitress's worker threads finish their requests, then closes.
 
 Threading: one thread runs Waitress's event loop (accept, read, write);
 `THREADS` worker threads run the Falcon app. The loop is stopped from its
@@ -91,17 +91,44 @@ class AdminServer:
                 log.exception("admin API server stopped unexpectedly")
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close connections, let running requests finish."""
+        """Stop accepting, let running requests finish, then close connections.
+
+        Waitress's worker threads wake the loop by writing to the trigger
+        pipe after every request; closing that pipe while one may still run
+        would make the write fail (EBADF) or, once the fd number is reused,
+        land in some other file. So the workers are stopped first and the
+        trigger is only taken off the map (its two fds die with the process).
+        """
         if self._closing:
             return
         self._closing = True
-        # Close every socket from the loop's own thread; the loop then ends (empty map).
-        self._trigger.pull_trigger(lambda: wasyncore.close_all(self._map, ignore_all=True))
+        self._in_loop(self._close_listeners)
+        self._dispatcher.shutdown(timeout=timeout)
+        self._in_loop(self._close_connections)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _in_loop(self, thunk) -> None:
+        """Run `thunk` in the loop's own thread, so no socket is closed under it."""
+        if self._thread is not None and self._thread.is_alive():
+            self._trigger.pull_trigger(thunk)
         else:
-            wasyncore.close_all(self._map, ignore_all=True)
-        self._dispatcher.shutdown(timeout=timeout)
+            thunk()
+
+    def _close_listeners(self) -> None:
+        for obj in list(self._map.values()):
+            if isinstance(obj, BaseWSGIServer):
+                wasyncore.dispatcher.close(obj)   # BaseWSGIServer.close would close the trigger too
+
+    def _close_connections(self) -> None:
+        for obj in list(self._map.values()):
+            if obj is self._trigger:
+                obj.del_channel()                 # the loop ends once the map is empty
+            else:
+                try:
+                    obj.close()
+                except OSError:
+                    pass
 
 
 def start_admin(*, config, spool, users, policy, listeners=(), smtp=None, scheduler=None, pool=None,

@@ -340,6 +340,37 @@ def test_token_is_never_logged(mta_factory):
         assert TOKEN not in text and "wrong-token" not in text
 
 
+def test_sigterm_while_requests_run_stops_cleanly(mta_factory):
+    """Shutdown race (CI regression): Waitress workers wake the event loop through
+    a trigger pipe after each request; closing that pipe before they finish gave
+    EBADF tracebacks in mta.log, or a stray byte in a reused fd. conftest fails
+    the test on any Traceback in the logs."""
+    for _ in range(6):
+        server = mta_factory()
+        api = Api(server)
+        stop = threading.Event()
+        answered = []
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    answered.append(api.get("/api/queue/stats").status)
+                except OSError:
+                    pass
+
+        clients = [threading.Thread(target=hammer) for _ in range(8)]
+        for client in clients:
+            client.start()
+        wait_for(lambda: len(answered) >= 20, timeout=10)
+        assert server.stop() == 0
+        stop.set()
+        for client in clients:
+            client.join(10)
+        assert set(answered) == {200}
+        log = server.log_text("mta.log")
+        assert "Traceback" not in log and "Bad file descriptor" not in log, log[-3000:]
+
+
 # --------------------------------------------------------------------------
 # errors: one shape
 
