@@ -20,6 +20,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mta.address import client_ip
+
 DEFAULT_CONFIG_FILE = "/etc/mta/mta.toml"
 ENV_PREFIX = "MTA_"
 SECRET_KEYS = frozenset({"admin_token"})
@@ -304,11 +306,9 @@ class Config:
 
     def in_mynetworks(self, ip: str) -> bool:
         try:
-            address = ipaddress.ip_address(ip)
+            address = client_ip(ip)
         except ValueError:
             return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
     @property

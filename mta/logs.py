@@ -2,18 +2,18 @@
 
 Logger names follow modules (`mta.smtp`, `mta.spool`, `mta.delivery`); they
 all go to mta.log. The SMTP transcript does not go through `logging`: a
-session collects its lines and writes them with one `write(2)` per reply
-(`Transcript.write`), before the reply is sent. Both files are `LogFile`s:
-an O_APPEND descriptor written with os.write, so lines from many threads
-never interleave, need no lock, and are on their way to disk before the
-client sees the reply (logging through the stdlib handlers was 39% of the
-CPU per message, bench/profile.txt). Rotation needs no signal: a file that
+session collects its lines and writes them together at an error reply,
+every 64 lines and when it ends (`Transcript.write`). Both files are `LogFile`s: an O_APPEND descriptor
+written with os.write, lines from many threads combined into one write when
+they arrive together, never interleaved (logging through the stdlib
+handlers was 39% of the CPU per message, bench/profile.txt). Rotation needs no signal: a file that
 logrotate moved is reopened within a second (like WatchedFileHandler).
 Warnings and errors also go to stderr (the systemd journal).
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -57,12 +57,18 @@ class Clock:
 
 
 class LogFile:
-    """An append-only log file shared by all threads (O_APPEND, os.write)."""
+    """An append-only log file shared by all threads (O_APPEND, os.write).
+
+    Writes are combined: a thread that finds another one inside write(2)
+    queues its text and returns; the writer takes everything queued on its
+    next round. Under load that turns many small writes (each a GIL
+    hand-off) into one, and a lone writer still writes at once.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self._lock = threading.Lock()     # only for reopening
-        self._retired: list[int] = []      # descriptors replaced at rotation
+        self._queue: collections.deque[str] = collections.deque()
+        self._writer = threading.Lock()   # held by the one thread in write(2)
         self.fd, self._identity = self._open()
         self._checked = time.monotonic()
 
@@ -72,25 +78,34 @@ class LogFile:
         return fd, (stat.st_dev, stat.st_ino)
 
     def _check_rotation(self) -> None:
-        with self._lock:
-            self._checked = time.monotonic()
-            try:
-                stat = os.stat(self.path)
-                if (stat.st_dev, stat.st_ino) == self._identity:
-                    return
-            except FileNotFoundError:
-                pass
-            # Another thread may be writing to the old descriptor right now:
-            # close it only at the next rotation, never under its feet.
-            for fd in self._retired:
-                os.close(fd)
-            self._retired = [self.fd]
-            self.fd, self._identity = self._open()
+        """Reopen when logrotate moved the file (called by the writer only)."""
+        self._checked = time.monotonic()
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        old = self.fd
+        self.fd, self._identity = self._open()
+        os.close(old)
 
     def write(self, text: str) -> None:
-        if time.monotonic() - self._checked >= ROTATION_CHECK:
-            self._check_rotation()
-        data = text.encode("utf-8", "replace")
+        self._queue.append(text)
+        # Whoever holds the writer lock re-checks the queue after releasing
+        # it, so text queued here while it was writing is never left behind.
+        while self._queue and self._writer.acquire(blocking=False):
+            try:
+                if time.monotonic() - self._checked >= ROTATION_CHECK:
+                    self._check_rotation()
+                parts = []
+                while self._queue:
+                    parts.append(self._queue.popleft())
+                self._write_all("".join(parts).encode("utf-8", "replace"))
+            finally:
+                self._writer.release()
+
+    def _write_all(self, data: bytes) -> None:
         try:
             while data:
                 data = data[os.write(self.fd, data):]
@@ -98,9 +113,9 @@ class LogFile:
             print(f"mta: cannot write {self.path}: {error.strerror}", file=sys.stderr)
 
     def close(self) -> None:
-        for fd in (self.fd, *self._retired):
+        with self._writer:
             try:
-                os.close(fd)
+                os.close(self.fd)
             except OSError:
                 pass
 

@@ -28,6 +28,20 @@ DELIVERY_DURATION = Histogram("mta_delivery_duration_seconds", "Time from arriva
 DSNS_SENT = Counter("mta_dsns_sent", "Delivery status notifications generated", ["action"], registry=REGISTRY)
 
 
+def inc(metric: Counter, *label_values: str) -> None:
+    """`metric.labels(*label_values).inc()` for the per-command hot path:
+    labels() validates and takes a lock on every call, so the child is
+    looked up once and kept (label values here come from fixed sets)."""
+    key = (metric, label_values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN.setdefault(key, metric.labels(*label_values))
+    child.inc()
+
+
+_CHILDREN: dict = {}
+
+
 QUEUE_STATUSES = ("active", "deferred", "hold", "bounce")
 
 

@@ -18,7 +18,7 @@ import os
 import threading
 
 from mta import safeio
-from mta.address import AddressError, check_domain, domain_key, parse_mailbox
+from mta.address import AddressError, check_domain, client_ip, domain_key, parse_mailbox
 
 log = logging.getLogger("mta.policy")
 
@@ -68,13 +68,6 @@ def normalize(field: str, value: str) -> str:
     return domain_key(value)
 
 
-def _client_address(ip: str):
-    address = ipaddress.ip_address(ip)
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address
-
-
 class PolicyStore:
     def __init__(self, data_dir: str):
         self.path = os.path.join(data_dir, POLICY_FILE)
@@ -90,13 +83,11 @@ class PolicyStore:
     def _load(self) -> dict:
         """The lists, re-read when the file changes. A damaged file keeps the
         last good lists in force and is logged once (never a failed session)."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
+        signature = self._signature()
+        if signature is None:
             if self._mtime is not None:
                 self._data, self._mtime, self._networks = self._empty(), None, {}
             return self._data
-        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if signature != self._mtime:
             self._mtime = signature
             try:
@@ -106,6 +97,21 @@ class PolicyStore:
                 return self._data
             self._data, self._networks = data, networks
         return self._data
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _refresh(self) -> None:
+        """Per SMTP command: stat outside the lock (a stat hands the GIL over,
+        and every session would queue on the lock behind it); reload under
+        the lock only when the file changed."""
+        if self._signature() != self._mtime:
+            with self._lock:
+                self._load()
 
     def _parse(self, raw) -> tuple[dict, dict]:
         if not isinstance(raw, dict) or raw.get("version") != VERSION:
@@ -177,12 +183,11 @@ class PolicyStore:
 
     def client_status(self, ip: str) -> str | None:
         try:
-            address = _client_address(ip)
+            address = client_ip(ip)
         except ValueError:
             return None
-        with self._lock:
-            self._load()
-            networks = self._networks
+        self._refresh()
+        networks = self._networks
         for name in (WHITE, BLACK):
             if any(address.version == net.version and address in net for net in networks.get(name, ())):
                 return name
@@ -193,8 +198,8 @@ class PolicyStore:
         if not sender:
             return None
         domain = sender.rpartition("@")[2]
-        with self._lock:
-            data = self._load()
+        self._refresh()
+        data = self._data
         for name in (WHITE, BLACK):
             if sender in data[name]["sender"]:
                 return name

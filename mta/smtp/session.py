@@ -15,12 +15,14 @@ writes the spool directly: messages go through `Spool.new_message()`.
 from __future__ import annotations
 
 import email.utils
+import io
 import ipaddress
 import logging
 import os
 import re
 import socket
 import ssl
+import struct
 from dataclasses import dataclass, field
 
 from mta import metrics, replies
@@ -43,6 +45,45 @@ MAX_GARBAGE = 65536        # an over-long line is skipped up to this, then we ha
 ERROR_LIMIT = 10           # 5xx replies before 421 (RFC 5321 4.3.2 lets us close)
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONNECT", "PATCH", "TRACE", "HOST:", "USER-AGENT:"})
 ROUTING_CHARACTERS = "%!@"  # sender-specified routing in a local part: never relayed
+
+
+
+def set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket, idle timeout enforced by the kernel (SO_RCVTIMEO/SO_SNDTIMEO).
+
+    With Python's own socket timeout every recv and send is preceded by a
+    poll(2), and each system call hands the GIL to another session thread:
+    the hand-offs, not the calls, were the largest cost per message.
+    A timed-out call fails with EAGAIN, which SessionReader and
+    Session._write turn back into socket.timeout. Plain sessions only:
+    `Session._start_tls` goes back to Python's timeout.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class SessionReader(io.RawIOBase):
+    """The raw side of a session's BufferedReader (plain or TLS socket)."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:   # SO_RCVTIMEO expired
+            raise socket.timeout("timed out") from None
+
+
+def session_reader(sock: socket.socket) -> io.BufferedReader:
+    return io.BufferedReader(SessionReader(sock), 65536)
 
 
 class CloseSession(Exception):
@@ -107,10 +148,10 @@ class Session:
     # --- the connection ---
 
     def run(self) -> None:
-        metrics.SMTP_SESSIONS.labels(port=self.mode).inc()
+        metrics.inc(metrics.SMTP_SESSIONS, self.mode)
         log.info("connect from %s on %s", self.label, self.mode)
         try:
-            self.sock.settimeout(self.config.smtp_timeout or None)
+            set_kernel_timeout(self.sock, self.config.smtp_timeout or 0)
             refusal = self.ctx.tracker.open(self.client_ip, self.config)
             if refusal is not None:
                 self.reader = None
@@ -139,7 +180,7 @@ class Session:
     def _serve(self) -> None:
         if self.mode == "submissions":
             self._start_tls()   # RFC 8314 3.3: TLS before the greeting
-        self.reader = self.sock.makefile("rb", buffering=65536)
+        self.reader = session_reader(self.sock)
         self.blocked = self._check_rbl()
         if self.blocked is not None:
             # RFC 5321 3.1: a 554 greeting, then 503 to everything but QUIT.
@@ -225,7 +266,7 @@ class Session:
         self._pending.append(text)
 
     def _flush_transcript(self) -> None:
-        """One write per reply: the client's lines since the last reply and the reply."""
+        """The lines collected since the last flush, as one write."""
         if self._pending:
             if self.ctx.transcript is not None:
                 self.ctx.transcript.write(self.label, self._pending)
@@ -234,11 +275,15 @@ class Session:
     def _write(self, reply: Reply) -> None:
         for text in reply.lines():
             self._pending.append(f"> {text}")
-        # The transcript is written per transaction, not per line: every
-        # write(2) releases the GIL, and hand-offs dominated the profile.
-        if reply.code != 250 or len(self._pending) > 64 or self.transaction is None:
+        # The transcript goes out at errors, at the end of the session and
+        # every 64 lines, not per reply: every write(2) hands the GIL over,
+        # and hand-offs dominated the profile.
+        if reply.code >= 400 or len(self._pending) > 64:
             self._flush_transcript()
-        self.sock.sendall(reply.wire())
+        try:
+            self.sock.sendall(reply.wire())
+        except BlockingIOError:   # SO_SNDTIMEO expired
+            raise socket.timeout("timed out") from None
 
     def _try_send(self, reply: Reply) -> None:
         try:
@@ -284,7 +329,7 @@ class Session:
         else:
             self._transcript(f"< {line}")
         method = VERBS.get(verb)
-        metrics.SMTP_COMMANDS.labels(port=self.mode, command=verb if method else "other").inc()
+        metrics.inc(metrics.SMTP_COMMANDS, self.mode, verb if method else "other")
         if "\0" in line:
             return replies.UNKNOWN_COMMAND.with_text("Error: NUL character in command")
         if verb in HTTP_VERBS:
@@ -388,7 +433,7 @@ class Session:
         self.reader.close()
         self.reader = None
         self._start_tls()
-        self.reader = self.sock.makefile("rb", buffering=65536)
+        self.reader = session_reader(self.sock)
         # RFC 3207 4.2: forget everything learnt before TLS.
         self.helo = None
         self.esmtp = False
@@ -401,6 +446,9 @@ class Session:
         if context is None:
             log.error("no TLS context for %s listener", self.mode)
             raise CloseSession()
+        # OpenSSL retries a read that SO_RCVTIMEO cut short instead of
+        # failing, so TLS sessions keep Python's own timeout.
+        self.sock.settimeout(self.config.smtp_timeout or None)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError, ValueError) as error:
@@ -789,7 +837,7 @@ class Session:
             log.error("%s: queue file write error: %s", tx.message.id, error)
             tx.abort()
             return replies.INSUFFICIENT_STORAGE if error.errno == 28 else replies.LOCAL_ERROR
-        metrics.MESSAGES_RECEIVED.labels(port=self.mode).inc()
+        metrics.inc(metrics.MESSAGES_RECEIVED, self.mode)
         log.info("%s: client=%s, helo=<%s>, proto=%s%s, from=<%s>, size=%d, nrcpt=%d (queue active)",
                  entry.id, self.label, self.helo, envelope.protocol,
                  f", sasl_username={self.auth_user}" if self.auth_user else "",

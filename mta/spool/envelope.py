@@ -10,7 +10,7 @@ quarantine it instead of guessing.
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 1
@@ -82,6 +82,13 @@ class Recipient:
         return self.status in OPEN_STATES
 
 
+def _recipient_dict(recipient: Recipient) -> dict[str, Any]:
+    data = dict(recipient.__dict__)
+    if recipient.notify is not None:
+        data["notify"] = list(recipient.notify)
+    return data
+
+
 @dataclass
 class Envelope:
     id: str
@@ -105,7 +112,11 @@ class Envelope:
     version: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # dataclasses.asdict deep-copies every value: a measurable share of
+        # the CPU per message. Only the lists need copying here.
+        data = dict(self.__dict__)
+        data["recipients"] = [_recipient_dict(r) for r in self.recipients]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "Envelope":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import selectors
 import smtplib
 import socket
+import ssl
 import threading
 import time
 
@@ -203,8 +204,9 @@ def test_idle_flood_over_the_cap_is_shed_with_421_and_service_recovers(mta_facto
 
 def test_idle_timeout_in_every_phase_421_4_4_2_rfc5321_4_5_3_2(mta_factory):
     """smtp_timeout=3: idle after the banner, mid-line, after EHLO, inside a
-    transaction, in DATA, in a BDAT chunk -> 421 4.4.2 and close; idle in a
-    TLS handshake (submissions) -> closed. Nothing is queued."""
+    transaction, in DATA, in a BDAT chunk, inside a TLS session -> 421 4.4.2
+    and close; idle in a TLS handshake (submissions) -> closed. Nothing is
+    queued."""
     mta = mta_factory({"smtp_timeout": 3})
     phases = {
         "banner": [],
@@ -225,6 +227,14 @@ def test_idle_timeout_in_every_phase_421_4_4_2_rfc5321_4_5_3_2(mta_factory):
         conns[name] = conn
     tls = socket.create_connection(("127.0.0.1", mta.config["port_submissions"]), timeout=10)
     tls.sendall(client_hello()[:40])
+    # Idle inside an established TLS session: OpenSSL retries reads cut by
+    # SO_RCVTIMEO, so TLS sessions need their own timeout (regression).
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname = False
+    client_tls.verify_mode = ssl.CERT_NONE
+    established = client_tls.wrap_socket(
+        socket.create_connection(("127.0.0.1", mta.config["port_submissions"]), timeout=10))
+    assert established.recv(4096).startswith(b"220 ")
     started = time.monotonic()
     problems = []
     for name, conn in conns.items():
@@ -245,6 +255,17 @@ def test_idle_timeout_in_every_phase_421_4_4_2_rfc5321_4_5_3_2(mta_factory):
     except OSError:
         pass
     tls.close()
+    rest = b""
+    try:
+        while chunk := established.recv(4096):
+            rest += chunk
+    except socket.timeout:
+        problems.append("established TLS session left open")
+    except (ssl.SSLError, OSError):
+        pass
+    established.close()
+    if b"421 4.4.2" not in rest:
+        problems.append(f"established TLS session: closed without 421 4.4.2: {rest!r}")
     assert not problems, "\n".join(problems)
     assert time.monotonic() - started < 8
     assert mta.queue_list() == []
