@@ -11,7 +11,8 @@ command itself is refused, so the session stays in step.
 
 Both stream into the spool as they read: memory per session is bounded by
 one read buffer and one text line (1000 octets, 4.5.3.1.6), whatever the
-message size. Errors are recorded, not raised; the first one wins and is
+message size. A clean body is checked and stored in blocks of whole lines
+(`Content.lines`), with the same verdicts as line by line. Errors are recorded, not raised; the first one wins and is
 answered after the end of the message.
 """
 
@@ -63,12 +64,6 @@ class Content:
         else:
             self._fail(replies.TEXT_LINE_TOO_LONG)
             return
-        if b"\0" in segment:
-            self._fail(replies.NUL_IN_CONTENT)
-            return
-        if self.size > self.max_size:
-            self._fail(replies.MESSAGE_TOO_BIG)
-            return
         if self.in_headers and at_line_start:
             if segment == b"\r\n":
                 self.in_headers = False
@@ -77,8 +72,34 @@ class Content:
                 if self.received_headers > MAX_HOPS:
                     self._fail(replies.TOO_MANY_HOPS)
                     return
+        self._store(segment)
+
+    def lines(self, block: bytes) -> None:
+        """Many complete body lines at once, none starting with a dot: the
+        checks of `line` done by C string methods over the whole block
+        (per-line Python was a third of the CPU for 100 KB messages)."""
+        self.size += len(block)
+        if self.error is not None:
+            return
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            self._fail(replies.BARE_NEWLINE)
+            return
+        if len(block) > MAX_LINE and max(map(len, block.split(b"\n"))) >= MAX_LINE:
+            self._fail(replies.TEXT_LINE_TOO_LONG)   # a piece is its line without the LF
+            return
+        self._store(block)
+
+    def _store(self, data: bytes) -> None:
+        """Last checks, then to the spool."""
+        if b"\0" in data:
+            self._fail(replies.NUL_IN_CONTENT)
+            return
+        if self.size > self.max_size:
+            self._fail(replies.MESSAGE_TOO_BIG)
+            return
         try:
-            self._write(segment)
+            self._write(data)
         except OSError:
             self._fail(replies.INSUFFICIENT_STORAGE)
 
@@ -103,12 +124,37 @@ class Content:
             self._partial = b""
 
 
-def read_data(reader: BinaryIO, content: Content) -> None:
-    """Read DATA content up to CRLF.CRLF into `content` (RFC 5321 4.1.1.4)."""
+def _body_lines(reader) -> bytes:
+    """The complete lines already buffered, up to the first one that starts
+    with a dot (which may end the data or need unstuffing); b"" if none."""
+    buffered = reader.peek(READ_CHUNK)
+    end = buffered.rfind(b"\n") + 1
+    dot = buffered.find(b"\n.", 0, end)
+    if dot >= 0:
+        end = dot + 1
+    if end == 0 or buffered[:1] == b".":
+        return b""
+    return reader.read(end)
+
+
+def read_data(reader, content: Content) -> None:
+    """Read DATA content up to CRLF.CRLF into `content` (RFC 5321 4.1.1.4).
+
+    Header lines go one at a time; the body, while it is clean, in blocks of
+    whole lines (`Content.lines`). Lines starting with a dot and anything
+    after an error take the line-by-line path.
+    """
     at_line_start = True
     previous_ended_in_cr = False
     readline = reader.readline
     while True:
+        if at_line_start and not content.in_headers and content.error is None:
+            block = _body_lines(reader)
+            if block:
+                content.lines(block)
+                at_line_start = block[-2:] == b"\r\n"
+                previous_ended_in_cr = False
+                continue
         segment = readline(MAX_LINE + 1)
         if not segment:
             raise ClientGone()

@@ -41,7 +41,7 @@ from mta import config as config_mod
 from mta.address import AddressError, Mailbox, domain_key, parse_mailbox, parse_path, split_path_and_params
 from mta.delivery.smtp_client import Connection, ProtocolError
 from mta.smtp import auth as sasl
-from mta.smtp.data import MAX_LINE, ClientGone, Content, read_data
+from mta.smtp.data import MAX_LINE, READ_CHUNK, ClientGone, Content, read_data
 from mta.smtp.esmtp import ParamError, decode_xtext, encode_xtext, parse_mail_params, parse_rcpt_params
 from mta.spool.envelope import Envelope, EnvelopeError, parse_iso
 from mta.spool.spool import summary
@@ -443,10 +443,25 @@ def first_end(data: bytes) -> int | None:
     return None if index < 0 else index + 3
 
 
+# The session reads through a BufferedReader; small buffers put read
+# boundaries everywhere, including inside CRLF and inside ".\r\n".
+BUFFER_SIZES = st.sampled_from([1, 7, 1000, 1001, 4096, READ_CHUNK])
+
+
+class LineByLine(io.BufferedReader):
+    """A reader whose peek() shows nothing: read_data's block path is never
+    taken, so this is the line-at-a-time reference."""
+
+    def peek(self, size: int = 0) -> bytes:
+        return b""
+
+
 @fuzz_settings(800)
-@given(data=streams)
-@example(data=b"x" * 1000 + b"\r\n.\r\nQUIT\r\n")    # finding: CR is octet 1001 of a read
-def test_read_data_ends_exactly_at_first_crlf_dot_crlf_rfc5321_4_1_1_4(data):
+@given(data=streams, buffer_size=BUFFER_SIZES)
+@example(data=b"x" * 1000 + b"\r\n.\r\nQUIT\r\n", buffer_size=READ_CHUNK)    # finding: CR is octet 1001 of a read
+@example(data=b"H: x\r\n\r\nbody\r\n.\r\n", buffer_size=READ_CHUNK)
+@example(data=b"H: x\r\n\r\nbody\n.\r\nMAIL FROM:<a@b>\r\n.\r\n", buffer_size=READ_CHUNK)
+def test_read_data_ends_exactly_at_first_crlf_dot_crlf_rfc5321_4_1_1_4(data, buffer_size):
     """RFC 5321 4.1.1.4: the message ends at the first CRLF.CRLF and nowhere
     else. read_data returns having consumed exactly up to it, or raises
     ClientGone when there is none; bare-LF/CR look-alikes never end it (SMTP
@@ -455,7 +470,7 @@ def test_read_data_ends_exactly_at_first_crlf_dot_crlf_rfc5321_4_1_1_4(data):
     and the real end of data is missed: the server keeps reading the
     client's next commands as message text and the client waits for a reply
     until smtp_timeout."""
-    reader = io.BytesIO(data)
+    reader = io.BufferedReader(io.BytesIO(data), buffer_size)
     recorder = Recorder()
     content = Content(recorder, 10 ** 9)
     expected = first_end(data)
@@ -468,20 +483,20 @@ def test_read_data_ends_exactly_at_first_crlf_dot_crlf_rfc5321_4_1_1_4(data):
 
 
 @fuzz_settings(800)
-@given(data=streams, max_size=st.sampled_from([10 ** 9, 100, 5000]))
-def test_data_content_is_bounded_and_clean_smuggling_defence(data, max_size):
-    """Whatever arrives, DATA stores at most one line (<= 1001 octets) per
-    write (memory per session is bounded, 4.5.3.1.6); if no error was
+@given(data=streams, max_size=st.sampled_from([10 ** 9, 100, 5000]), buffer_size=BUFFER_SIZES)
+def test_data_content_is_bounded_and_clean_smuggling_defence(data, max_size, buffer_size):
+    """Whatever arrives, DATA stores at most one read buffer per write
+    (memory per session is bounded, 4.5.3.1.6); if no error was
     recorded, every stored line ends in CRLF with no other CR or LF and no
     NUL (a bare-LF/CR artefact is never stored: Postfix's
     smtpd_forbid_bare_newline, CVE-2023-51764); and the size cap holds."""
     recorder = Recorder()
     content = Content(recorder, max_size)
     try:
-        read_data(io.BytesIO(data), content)
+        read_data(io.BufferedReader(io.BytesIO(data), buffer_size), content)
     except ClientGone:
         pass
-    assert all(len(w) <= MAX_LINE + 1 for w in recorder.writes), max(map(len, recorder.writes))
+    assert all(len(w) <= max(READ_CHUNK, MAX_LINE + 1) for w in recorder.writes), max(map(len, recorder.writes))
     if content.error is None:
         stored = recorder.data
         assert len(stored) <= max_size
@@ -491,6 +506,31 @@ def test_data_content_is_bounded_and_clean_smuggling_defence(data, max_size):
             for line in stored.split(b"\r\n")[:-1]:
                 assert b"\r" not in line and b"\n" not in line, line[:80]
                 assert len(line) + 2 <= MAX_LINE
+
+
+@fuzz_settings(800)
+@given(data=streams, buffer_size=BUFFER_SIZES)
+@example(data=b"H: x\r\n\r\nok\r\nbare\nx" + b"y" * 1200 + b"\r\n.\r\n", buffer_size=READ_CHUNK)
+@example(data=b"H: x\r\n\r\nok\r\n" + b"z" * 998 + b"\r\n.\r\n", buffer_size=READ_CHUNK)   # 1000 octets: fine
+@example(data=b"H: x\r\n\r\nok\r\n" + b"z" * 999 + b"\r\n.\r\n", buffer_size=READ_CHUNK)   # 1001: too long
+def test_body_blocks_match_line_by_line_reading(data, buffer_size):
+    """The body is read in blocks of whole lines for speed; whatever
+    arrives, that must store the same octets, stop at the same place, count
+    the same size and accept or refuse the same messages as reading one line
+    at a time."""
+    results = []
+    for reader_class in (io.BufferedReader, LineByLine):
+        reader = reader_class(io.BytesIO(data), buffer_size)
+        recorder = Recorder()
+        content = Content(recorder, 10 ** 9)
+        try:
+            read_data(reader, content)
+            end = reader.tell()
+        except ClientGone:
+            end = None
+        results.append((end, content.size, content.error is None,
+                        recorder.data if content.error is None else None))
+    assert results[0] == results[1]
 
 
 text_lines = st.lists(
@@ -508,10 +548,10 @@ def test_dot_unstuffing_inverts_dot_stuffing_rfc5321_4_5_2(lines):
     message = b"".join(line + b"\r\n" for line in lines)
     recorder = Recorder()
     content = Content(recorder, 10 ** 9)
-    reader = io.BytesIO(stuff(message) + b".\r\nNEXT")
+    reader = io.BufferedReader(io.BytesIO(b"Subject: s\r\n\r\n" + stuff(message) + b".\r\nNEXT"))
     read_data(reader, content)
     assert content.error is None, content.error
-    assert recorder.data == message
+    assert recorder.data == b"Subject: s\r\n\r\n" + message
     assert reader.read() == b"NEXT"
 
 
