@@ -205,7 +205,7 @@ class IncomingMessage:
         os.fsync(self.file.fileno())
         self.file.close()
         # Nobody can see tmp/<id>/ yet: the envelope needs no temp+rename.
-        safeio.write_new(os.path.join(self.path, ENVELOPE_FILE), safeio.json_bytes(envelope.to_dict()))
+        safeio.write_new(os.path.join(self.path, ENVELOPE_FILE), envelope.to_json())
         safeio.fsync_dir(self.path)
         target = os.path.join(self.spool.root, "incoming", self.id)
         os.rename(self.path, target)
@@ -479,7 +479,7 @@ class Spool:
         return Entry(entry.id, state, target)
 
     def write_envelope(self, entry: Entry, envelope: Envelope) -> None:
-        safeio.write_json(entry.envelope_path, envelope.to_dict())
+        safeio.atomic_write(entry.envelope_path, envelope.to_json())
 
     def remove(self, entry: Entry) -> None:
         """Delete a locked message: one rename out of the queue, then cleanup."""
