@@ -485,8 +485,13 @@ class Spool:
         """Delete a locked message: one rename out of the queue, then cleanup."""
         trash = os.path.join(self.root, "tmp", f"{entry.id}.removed.{secrets.token_hex(3)}")
         os.rename(entry.path, trash)
-        safeio.fsync_dir(os.path.dirname(entry.path))
-        shutil.rmtree(trash, ignore_errors=True)
+        self.fsync_state_dir(entry.state)
+        try:
+            for name in (ENVELOPE_FILE, MESSAGE_FILE):
+                os.unlink(os.path.join(trash, name))
+            os.rmdir(trash)
+        except OSError:   # something else in there: tmp/ is purged at start anyway
+            shutil.rmtree(trash, ignore_errors=True)
 
     # --- operator commands (`mta queue`, admin API); safe while the daemon runs ---
 
