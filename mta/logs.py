@@ -3,10 +3,11 @@
 Logger names follow modules (`mta.smtp`, `mta.spool`, `mta.delivery`); they
 all go to mta.log. The SMTP transcript does not go through `logging`: a
 session collects its lines and writes them together at an error reply,
-every 64 lines and when it ends (`Transcript.write`). Both files are `LogFile`s: an O_APPEND descriptor
-written with os.write, lines from many threads combined into one write when
-they arrive together, never interleaved (logging through the stdlib
-handlers was 39% of the CPU per message, bench/profile.txt). Rotation needs no signal: a file that
+every 64 lines and when it ends (`Transcript.write`). Both files are
+`LogFile`s: an O_APPEND descriptor written with os.write, lines from many
+threads combined into one write when they arrive together, never
+interleaved (logging through the stdlib handlers was 39% of the CPU per
+message, bench/profile.txt). Rotation needs no signal: a file that
 logrotate moved is reopened within a second (like WatchedFileHandler).
 Warnings and errors also go to stderr (the systemd journal).
 """

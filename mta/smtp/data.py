@@ -12,8 +12,9 @@ command itself is refused, so the session stays in step.
 Both stream into the spool as they read: memory per session is bounded by
 one read buffer and one text line (1000 octets, 4.5.3.1.6), whatever the
 message size. A clean body is checked and stored in blocks of whole lines
-(`Content.lines`), with the same verdicts as line by line. Errors are recorded, not raised; the first one wins and is
-answered after the end of the message.
+(`Content.lines`), with the same verdicts as line by line. Errors are
+recorded, not raised; the first one wins and is answered after the end of
+the message.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ Three listener modes share one session implementation (`mta.smtp.session`):
 Threading model: the listener's own thread only accepts; every connection
 gets a thread running a `Session` (threads are reused: `SessionThreads`).
 Shared objects reach sessions through `SmtpContext` (wired once in
-`mta.main`). Connection caps are checked by `ConnectionTracker` before the greeting (421 4.7.0). On shutdown
-the listeners stop accepting, idle sessions are woken and told 421, and
-sessions still inside a transaction get a grace period before being cut.
+`mta.main`). Connection caps are checked by `ConnectionTracker` before the
+greeting (421 4.7.0). On shutdown the listeners stop accepting, idle
+sessions are woken and told 421, and sessions still inside a transaction
+get a grace period before being cut.
 """
 
 from __future__ import annotations

@@ -47,7 +47,6 @@ HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONN
 ROUTING_CHARACTERS = "%!@"  # sender-specified routing in a local part: never relayed
 
 
-
 def set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
     """Blocking socket, idle timeout enforced by the kernel (SO_RCVTIMEO/SO_SNDTIMEO).
 
