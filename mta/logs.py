@@ -99,12 +99,16 @@ class LogFile:
             try:
                 if time.monotonic() - self._checked >= ROTATION_CHECK:
                     self._check_rotation()
-                parts = []
-                while self._queue:
-                    parts.append(self._queue.popleft())
-                self._write_all("".join(parts).encode("utf-8", "replace"))
+                self._write_queued()
             finally:
                 self._writer.release()
+
+    def _write_queued(self) -> None:
+        parts = []
+        while self._queue:
+            parts.append(self._queue.popleft())
+        if parts:
+            self._write_all("".join(parts).encode("utf-8", "replace"))
 
     def _write_all(self, data: bytes) -> None:
         try:
@@ -115,6 +119,7 @@ class LogFile:
 
     def close(self) -> None:
         with self._writer:
+            self._write_queued()   # lines queued behind the last writer
             try:
                 os.close(self.fd)
             except OSError:
