@@ -41,6 +41,7 @@ DIGITS = re.compile(r"[0-9]+")   # str.isdigit() also accepts "²", which int() 
 MAX_COMMAND = 512          # RFC 5321 4.5.3.1.4, including CRLF
 MAX_ENVELOPE_COMMAND = 1024  # MAIL/RCPT with RFC 3461 parameters (ORCPT: +500)
 MAX_AUTH_LINE = 12288      # RFC 4954 4
+LINE_LIMITS = {"MAIL": MAX_ENVELOPE_COMMAND, "RCPT": MAX_ENVELOPE_COMMAND, "AUTH": MAX_AUTH_LINE}
 MAX_GARBAGE = 65536        # an over-long line is skipped up to this, then we hang up
 ERROR_LIMIT = 10           # 5xx replies before 421 (RFC 5321 4.3.2 lets us close)
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONNECT", "PATCH", "TRACE", "HOST:", "USER-AGENT:"})
@@ -336,7 +337,7 @@ class Session:
             log.warning("non-SMTP command from %s: %s", self.label, line[:60])
             self._write(replies.NON_SMTP)
             raise CloseSession()
-        limit = {"MAIL": MAX_ENVELOPE_COMMAND, "RCPT": MAX_ENVELOPE_COMMAND, "AUTH": MAX_AUTH_LINE}.get(verb, MAX_COMMAND)
+        limit = LINE_LIMITS.get(verb, MAX_COMMAND)
         if len(raw) + 2 > limit:
             return replies.LINE_TOO_LONG
         if self.blocked is not None and verb != "QUIT":
