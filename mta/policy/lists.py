@@ -181,24 +181,31 @@ class PolicyStore:
 
     # --- matching (per SMTP command: cheap when the file is unchanged) ---
 
+    def statuses(self, ip: str, sender: str) -> tuple[str | None, str | None]:
+        """(client's list, sender's list) for one MAIL, after one stat.
+        `sender` is an address key (lower-case); "" (null sender) matches nothing."""
+        self._refresh()
+        return self._client_status(ip), self._sender_status(sender)
+
     def client_status(self, ip: str) -> str | None:
+        self._refresh()
+        return self._client_status(ip)
+
+    def _client_status(self, ip: str) -> str | None:
         try:
             address = client_ip(ip)
         except ValueError:
             return None
-        self._refresh()
         networks = self._networks
         for name in (WHITE, BLACK):
             if any(address.version == net.version and address in net for net in networks.get(name, ())):
                 return name
         return None
 
-    def sender_status(self, sender: str) -> str | None:
-        """`sender` is an address key (lower-case); "" (null sender) matches nothing."""
+    def _sender_status(self, sender: str) -> str | None:
         if not sender:
             return None
         domain = sender.rpartition("@")[2]
-        self._refresh()
         data = self._data
         for name in (WHITE, BLACK):
             if sender in data[name]["sender"]:

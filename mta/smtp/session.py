@@ -57,8 +57,13 @@ def set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
     A timed-out call fails with EAGAIN, which SessionReader and
     Session._write turn back into socket.timeout. Plain sessions only:
     `Session._start_tls` goes back to Python's timeout.
+
+    Listeners set it on the listening socket, whose accepted sockets
+    inherit both options (Linux copies them in accept), so a session only
+    calls this when SIGHUP changed smtp_timeout since its listener opened.
     """
-    sock.settimeout(None)
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
     whole = int(seconds)
     value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
@@ -151,7 +156,9 @@ class Session:
         metrics.inc(metrics.SMTP_SESSIONS, self.mode)
         log.info("connect from %s on %s", self.label, self.mode)
         try:
-            set_kernel_timeout(self.sock, self.config.smtp_timeout or 0)
+            timeout = self.config.smtp_timeout or 0
+            if timeout != self.listener.kernel_timeout:
+                set_kernel_timeout(self.sock, timeout)
             refusal = self.ctx.tracker.open(self.client_ip, self.config)
             if refusal is not None:
                 self.reader = None
@@ -634,8 +641,7 @@ class Session:
     def _check_lists(self, sender: Mailbox | None) -> Reply | None:
         """Black/white lists (policy.json), read fresh for every MAIL."""
         policy = self.ctx.policy
-        client = policy.client_status(self.client_ip)
-        by_sender = policy.sender_status(sender.key if sender is not None else "")
+        client, by_sender = policy.statuses(self.client_ip, sender.key if sender is not None else "")
         self.whitelisted = WHITE in (client, by_sender)
         if self.whitelisted:
             return None
@@ -889,7 +895,7 @@ class Session:
         return None
 
     def _read_back(self, tx: Transaction) -> bytes:
-        tx.message.file.flush()
+        tx.message.flush()
         with open(os.path.join(tx.message.path, "message.eml"), "rb") as handle:
             return handle.read()
 

@@ -237,6 +237,30 @@ def test_sighup_reloads_aliases_and_users(mta_factory):
     held.close()
 
 
+def test_sighup_changes_idle_timeout_of_new_sessions(mta_factory):
+    """RFC 5321 4.5.3.2 timeouts, as configured now: listeners hand the idle
+    timeout to accepted sockets (SO_RCVTIMEO), so a reload that shortens
+    smtp_timeout must still reach the next session, which is cut with
+    421 4.4.2 once idle that long."""
+    server = mta_factory({"smtp_timeout": 300})
+    write_toml(server.config_path, dict(server.config, smtp_timeout=2))
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        with server.connect() as c:
+            assert_reply(c.banner(), 220)
+            started = time.monotonic()
+            try:
+                reply = c.reply(timeout=4)
+            except TimeoutError:
+                reply = None
+        if reply is not None or time.monotonic() > deadline:
+            break
+    assert reply is not None, "an idle session outlived the reloaded smtp_timeout"
+    assert_reply(reply, 421, "4.4.2")
+    assert 1.5 < time.monotonic() - started < 4
+
+
 def test_sighup_with_broken_config_keeps_running(mta_factory):
     """A reload with a bad config file must not kill a running daemon (Postfix
     `reload` semantics): it keeps the old config and keeps serving."""
