@@ -102,7 +102,25 @@ def mb(kb):
 
 # --- the machine ------------------------------------------------------------------
 
-def machine() -> dict:
+def file_system(path: Path) -> str:
+    """The file system both queues live on, and for ext4 whether it journals:
+    without a journal, ext4 scans inodes freed in the last minute before
+    reusing one, which makes every file created cost more after a run that
+    deleted thousands (both servers create files per message)."""
+    best = ("", "", "")
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            device, mount, kind = line.split()[:3]
+            if str(path).startswith(mount.rstrip("/") + "/") and len(mount) >= len(best[1]):
+                best = (device, mount, kind)
+    device, mount, kind = best
+    if kind == "ext4":
+        name = os.path.basename(os.path.realpath(device))
+        kind += " with journal" if os.path.exists(f"/proc/fs/jbd2/{name}-8") else " without journal"
+    return f"{kind} on {device} (mounted at {mount})"
+
+
+def machine(workdir: Path) -> dict:
     model = ""
     with open("/proc/cpuinfo") as handle:
         for line in handle:
@@ -115,7 +133,8 @@ def machine() -> dict:
     git = servers.run_quiet(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], check=False).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": model, "memory_gb": round(mem_kb / 1024 / 1024, 1),
             "kernel": platform.release(), "python": platform.python_version(),
-            "postfix": postfix_version, "mta_git": git, "loadavg_at_start": os.getloadavg()}
+            "postfix": postfix_version, "mta_git": git, "loadavg_at_start": os.getloadavg(),
+            "file_system": file_system(workdir)}
 
 
 # --- the figures --------------------------------------------------------------------
@@ -128,7 +147,7 @@ class Bench:
         self.results: dict = {"figures": {}}
         self.sink_port = free_port()
         self.sink = Sink(self.sink_port)
-        self.mta = Mta(workdir, free_port())
+        self.mta = Mta(workdir, free_port(), cpus=args.mta_cpus)
         self.postfix = Postfix(workdir, free_port(), self.sink_port)
         log(f"ports: mta {self.mta.port}, Postfix {self.postfix.port}, smtp-sink {self.sink_port}; work dir {workdir}")
         self.postfix.start()
@@ -588,7 +607,10 @@ def write_report(results: dict, args) -> str:
           f"- command: `{results['command']}`" + (" (quick mode)" if args.quick else ""),
           f"- machine: {m['nproc']} CPUs, {m['cpu']}, {m['memory_gb']} GB RAM, Linux {m['kernel']}, "
           f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
-          f"- software: Python {m['python']}, Postfix {m['postfix']}, mta {m['mta_git']}",
+          f"- software: Python {m['python']}, Postfix {m['postfix']}, mta {m['mta_git']}"
+          + (f", mta confined to CPU {m['mta_cpus']} (`taskset -c`, as systemd's CPUAffinity=)"
+             if m.get("mta_cpus") else ""),
+          f"- work directory (both queues): {m['file_system']}",
           "", text, "",
           "mta/Postfix above 1 means mta is ahead where higher is better, and behind where lower is better. "
           "The ceiling column is smtp-source against smtp-sink (no server work at all).",
@@ -628,6 +650,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="runs per cell (default 3, --quick 1)")
     parser.add_argument("--only", help=f"comma list of figures to run: {','.join(FIGURES)}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--mta-cpus", metavar="LIST",
+                        help="run mta under `taskset -c LIST`, as systemd's CPUAffinity=LIST would "
+                             "(README: capacity planning); the work directory follows TMPDIR")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the figures: profile mta's acceptance path (bench/profile_mta.py; "
                              "takes --count N --sessions N --size BYTES)")
@@ -659,7 +684,7 @@ def main() -> int:
     else:
         command = f".venv/bin/python bench/run.py {argv}"
     results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": command.strip(), "machine": machine(),
+               "command": command.strip(), "machine": {**machine(workdir), "mta_cpus": args.mta_cpus},
                "plan": {"reps": plan["reps"], "accept": {f"{size_label(s)} x {n}": c for (s, n), c in
                                                           plan["accept"].items()},
                         "relay": plan["relay"], "latency_messages": plan["latency_per_thread"] * LATENCY_THREADS,

@@ -215,8 +215,9 @@ class Mta:
         "dns_nameservers": "127.0.0.1:9",
     }
 
-    def __init__(self, workdir: Path, port: int):
+    def __init__(self, workdir: Path, port: int, cpus: str | None = None):
         self.workdir = workdir / "mta"
+        self.cpus = cpus
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "aliases").touch()
         self.port = port
@@ -251,7 +252,8 @@ class Mta:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MTA_")}
         env["PYTHONPATH"] = str(ROOT)
         self._log = open(self.workdir / "serve.out", "ab")
-        self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "mta", "serve", "--config", str(config)],
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self.proc = subprocess.Popen([*pin, *(wrapper or []), sys.executable, "-m", "mta", "serve", "--config", str(config)],
                                      cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
