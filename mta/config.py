@@ -191,6 +191,7 @@ KEYS: tuple[Key, ...] = (
     Key("admin_address", _parse_ip_list, ("127.0.0.1",), "admin API bind address"),
     Key("admin_token", _parse_str, "", "admin API bearer token (default: generated)"),
     Key("admin_protect_metrics", _parse_bool, False, "require the admin token on /api/metrics too"),
+    Key("single_cpu", _parse_bool, True, "run the daemon's threads on one CPU (fewer GIL hand-offs)"),
     Key("max_message_size", _parse_int, 35_000_000, "bytes, advertised in SIZE"),
     Key("max_recipients", _parse_int, 100, "recipients per transaction"),
     Key("tls_cert", _parse_existing_file, "", "PEM certificate (default: self-signed, generated)"),
@@ -251,6 +252,7 @@ class Config:
     admin_address: tuple[str, ...]
     admin_token: str
     admin_protect_metrics: bool
+    single_cpu: bool
     max_message_size: int
     max_recipients: int
     tls_cert: str

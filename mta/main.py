@@ -1,7 +1,7 @@
 """The composition root: `mta serve` builds every part once and wires them.
 
-Start-up order: configuration, directories, logging, spool recovery,
-users/aliases/TLS, listeners (bound while still root), privilege drop,
+Start-up order: configuration, directories, logging, CPU placement
+(before any thread starts), spool recovery, users/aliases/TLS, listeners (bound while still root), privilege drop,
 then delivery and the admin API. The main thread then only waits for
 signals: SIGTERM/SIGINT stop (exit 0), SIGHUP reloads configuration,
 aliases, users and the TLS certificate without dropping connections.
@@ -29,6 +29,7 @@ from mta.delivery.pool import Deliverer, DeliveryPool
 from mta.delivery.scheduler import Scheduler
 from mta.delivery.smtp_client import SmtpClient
 from mta import config as config_mod
+from mta.cpus import CpuPlacement
 from mta import logs
 from mta.dns import Resolver
 from mta.policy.dmarc import PslHolder
@@ -151,9 +152,12 @@ class Daemon:
         config = self.config
         make_dirs(config)
         self.logs = logs.Logs(config.log_dir)
+        placement = CpuPlacement()
+        if config.single_cpu:
+            placement.confine()   # before any thread starts: they inherit it
         self.spool = Spool(config.spool_dir, config.queue_min_free)
         queued = self.spool.recover()
-        self.users = UserStore(config.data_dir)
+        self.users = UserStore(config.data_dir, spread=placement.spread)
         aliases = load_aliases(config)
         tls = load_tls(config)
         self.admin_token = ensure_admin_token(config)
@@ -222,7 +226,7 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s", error)
             return
         for key in ("listen_address", "port_relay", "port_submission", "port_submissions",
-                    "spool_dir", "data_dir", "log_dir", "user"):
+                    "spool_dir", "data_dir", "log_dir", "user", "single_cpu"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         self.smtp.lockout.configure(config.auth_lockout_failures, config.auth_lockout_window,

@@ -8,6 +8,7 @@ compared case-insensitively. The file never holds a plaintext password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -69,9 +70,10 @@ def _digest_input(data: bytes) -> bytes:
 
 
 class UserStore:
-    def __init__(self, data_dir: str, rounds: int = 12):
+    def __init__(self, data_dir: str, rounds: int = 12, spread=contextlib.nullcontext):
         self.path = os.path.join(data_dir, USERS_FILE)
         self.rounds = rounds
+        self._spread = spread   # bcrypt may use every CPU (mta.cpus.CpuPlacement.spread)
         self._lock = threading.Lock()
         self._users: dict[str, dict] = {}
         self._mtime: int | None = None
@@ -81,7 +83,8 @@ class UserStore:
         # Checking unknown users against a dummy hash keeps their timing the
         # same as known ones (no user enumeration by timing).
         if self._dummy_hash is None:
-            self._dummy_hash = bcrypt.hashpw(b"dummy password", bcrypt.gensalt(rounds=self.rounds))
+            with self._spread():
+                self._dummy_hash = bcrypt.hashpw(b"dummy password", bcrypt.gensalt(rounds=self.rounds))
         return self._dummy_hash
 
     def _load(self) -> dict[str, dict]:
@@ -130,7 +133,8 @@ class UserStore:
             key, data = "", b"x"
         record = self.users().get(key)
         hashed = record["hash"].encode("ascii") if record else self._dummy()
-        ok = bcrypt.checkpw(_digest_input(data), hashed)
+        with self._spread():
+            ok = bcrypt.checkpw(_digest_input(data), hashed)
         return ok and record is not None
 
     def _file_lock(self) -> safeio.FileLock:
@@ -145,7 +149,8 @@ class UserStore:
 
     def _hash(self, password: str) -> str:
         data = _digest_input(_check_password(password))
-        return bcrypt.hashpw(data, bcrypt.gensalt(rounds=self.rounds)).decode("ascii")
+        with self._spread():
+            return bcrypt.hashpw(data, bcrypt.gensalt(rounds=self.rounds)).decode("ascii")
 
     def add(self, username: str, password: str) -> str:
         key = normalize_username(username)
