@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,6 +103,18 @@ def mb(kb):
 
 # --- the machine ------------------------------------------------------------------
 
+def mta_options(pairs: list[str]) -> dict:
+    """--mta-option KEY=VALUE (VALUE in TOML syntax) -> {KEY: value}."""
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError as error:
+            raise SystemExit(f"--mta-option {pair!r}: {error}") from None
+    return options
+
+
 def file_system(path: Path) -> str:
     """The file system both queues live on, and for ext4 whether it journals:
     without a journal, ext4 scans inodes freed in the last minute before
@@ -147,7 +160,7 @@ class Bench:
         self.results: dict = {"figures": {}}
         self.sink_port = free_port()
         self.sink = Sink(self.sink_port)
-        self.mta = Mta(workdir, free_port(), cpus=args.mta_cpus)
+        self.mta = Mta(workdir, free_port(), options=mta_options(args.mta_option))
         self.postfix = Postfix(workdir, free_port(), self.sink_port)
         log(f"ports: mta {self.mta.port}, Postfix {self.postfix.port}, smtp-sink {self.sink_port}; work dir {workdir}")
         self.postfix.start()
@@ -608,8 +621,7 @@ def write_report(results: dict, args) -> str:
           f"- machine: {m['nproc']} CPUs, {m['cpu']}, {m['memory_gb']} GB RAM, Linux {m['kernel']}, "
           f"load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}",
           f"- software: Python {m['python']}, Postfix {m['postfix']}, mta {m['mta_git']}"
-          + (f", mta confined to CPU {m['mta_cpus']} (`taskset -c`, as systemd's CPUAffinity=)"
-             if m.get("mta_cpus") else ""),
+          + (f", mta options {', '.join(m['mta_options'])}" if m.get("mta_options") else ""),
           f"- work directory (both queues): {m['file_system']}",
           "", text, "",
           "mta/Postfix above 1 means mta is ahead where higher is better, and behind where lower is better. "
@@ -650,9 +662,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="runs per cell (default 3, --quick 1)")
     parser.add_argument("--only", help=f"comma list of figures to run: {','.join(FIGURES)}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
-    parser.add_argument("--mta-cpus", metavar="LIST",
-                        help="run mta under `taskset -c LIST`, as systemd's CPUAffinity=LIST would "
-                             "(README: capacity planning); the work directory follows TMPDIR")
+    parser.add_argument("--mta-option", metavar="KEY=VALUE", action="append", default=[],
+                        help="an mta config key for every mta run, e.g. single_cpu=false (TOML value); "
+                             "the work directory, and so both queues, follows TMPDIR")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the figures: profile mta's acceptance path (bench/profile_mta.py; "
                              "takes --count N --sessions N --size BYTES)")
@@ -684,7 +696,7 @@ def main() -> int:
     else:
         command = f".venv/bin/python bench/run.py {argv}"
     results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": command.strip(), "machine": {**machine(workdir), "mta_cpus": args.mta_cpus},
+               "command": command.strip(), "machine": {**machine(workdir), "mta_options": args.mta_option},
                "plan": {"reps": plan["reps"], "accept": {f"{size_label(s)} x {n}": c for (s, n), c in
                                                           plan["accept"].items()},
                         "relay": plan["relay"], "latency_messages": plan["latency_per_thread"] * LATENCY_THREADS,

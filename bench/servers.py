@@ -215,9 +215,9 @@ class Mta:
         "dns_nameservers": "127.0.0.1:9",
     }
 
-    def __init__(self, workdir: Path, port: int, cpus: str | None = None):
+    def __init__(self, workdir: Path, port: int, options: dict | None = None):
         self.workdir = workdir / "mta"
-        self.cpus = cpus
+        self.options = dict(options or {})   # config keys every run gets (bench --mta-option)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "aliases").touch()
         self.port = port
@@ -245,6 +245,7 @@ class Mta:
             "aliases": str(self.workdir / "aliases"),
             "max_connections": 2500,
         })
+        settings.update(self.options)
         settings.update(overrides)
         self.settings = settings
         config = self.workdir / "mta.toml"
@@ -252,8 +253,7 @@ class Mta:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MTA_")}
         env["PYTHONPATH"] = str(ROOT)
         self._log = open(self.workdir / "serve.out", "ab")
-        pin = ["taskset", "-c", self.cpus] if self.cpus else []
-        self.proc = subprocess.Popen([*pin, *(wrapper or []), sys.executable, "-m", "mta", "serve", "--config", str(config)],
+        self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "mta", "serve", "--config", str(config)],
                                      cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

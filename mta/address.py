@@ -221,6 +221,16 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
     if not argument.startswith("<"):
         path, _, params = argument.partition(" ")
         return path, params.strip(" ")
+    if '"' not in argument:   # the usual case: the first '>' ends the path
+        end = argument.find(">")
+        if end < 0:
+            raise AddressError("missing closing '>'")
+        return argument[: end + 1], argument[end + 1:].strip(" ")
+    return _split_quoted_path(argument)
+
+
+def _split_quoted_path(argument: str) -> tuple[str, str]:
+    """split_path_and_params for a path that may hold a quoted local part."""
     in_quotes = False
     index = 1
     while index < len(argument):

@@ -10,6 +10,7 @@ text is made with `reply.fmt(...)` or `reply.with_text(...)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -32,18 +33,19 @@ class Reply:
     def with_text(self, text: str) -> "Reply":
         return Reply(self.code, self.enhanced, text)
 
-    def lines(self) -> list[str]:
-        """The reply as wire lines without CRLF; multi-line text uses `\\n`."""
+    @cached_property
+    def lines(self) -> tuple[str, ...]:
+        """The reply as wire lines without CRLF; multi-line text uses `\\n`.
+        Cached: most replies are constants of this table, sent again and again."""
         parts = self.text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
-        out = []
-        for index, part in enumerate(parts):
-            separator = " " if index == len(parts) - 1 else "-"
-            out.append(f"{self.code}{separator}{prefix}{part}")
-        return out
+        last = len(parts) - 1
+        return tuple(f"{self.code}{' ' if index == last else '-'}{prefix}{part}"
+                     for index, part in enumerate(parts))
 
+    @cached_property
     def wire(self) -> bytes:
-        return "".join(line + "\r\n" for line in self.lines()).encode("utf-8", "replace")
+        return "".join(line + "\r\n" for line in self.lines).encode("utf-8", "replace")
 
     def __str__(self) -> str:
         return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)

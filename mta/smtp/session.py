@@ -280,7 +280,7 @@ class Session:
             self._pending = []
 
     def _write(self, reply: Reply) -> None:
-        for text in reply.lines():
+        for text in reply.lines:
             self._pending.append(f"> {text}")
         # The transcript goes out at errors, at the end of the session and
         # every 64 lines, not per reply: every write(2) hands the GIL over,
@@ -288,7 +288,7 @@ class Session:
         if reply.code >= 400 or len(self._pending) > 64:
             self._flush_transcript()
         try:
-            self.sock.sendall(reply.wire())
+            self.sock.sendall(reply.wire)
         except BlockingIOError:   # SO_SNDTIMEO expired
             raise socket.timeout("timed out") from None
 

@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 from fuzz_support import fuzz_settings
 from mta import aliases as aliases_mod
 from mta import config as config_mod
-from mta.address import AddressError, Mailbox, domain_key, parse_mailbox, parse_path, split_path_and_params
+from mta.address import (AddressError, Mailbox, _split_quoted_path, domain_key, parse_mailbox, parse_path,
+                         split_path_and_params)
 from mta.delivery.smtp_client import Connection, ProtocolError
 from mta.smtp import auth as sasl
 from mta.smtp.data import MAX_LINE, READ_CHUNK, ClientGone, Content, read_data
@@ -207,6 +208,23 @@ def test_split_path_and_params_total(argument):
     if argument.lstrip(" ").startswith("<"):
         assert path.startswith("<") and path.endswith(">"), (argument, path)
     assert len(path) + len(params) <= len(argument)
+
+
+@fuzz_settings(400)
+@given(argument=st.one_of(st.tuples(paths, any_text).map(" ".join), any_text.map(lambda text: "<" + text)))
+def test_split_fast_path_agrees_with_quote_aware_scan(argument):
+    """Without a '"' the splitter takes the first '>' (a shortcut for the
+    per-character scan that understands quoted local parts): same answer."""
+    assume('"' not in argument and argument.startswith("<"))
+    try:
+        fast = split_path_and_params(argument)
+    except AddressError:
+        fast = "error"
+    try:
+        scanned = _split_quoted_path(argument)
+    except AddressError:
+        scanned = "error"
+    assert fast == scanned
 
 
 @fuzz_settings(400)
