@@ -1,10 +1,11 @@
 """The composition root: `mta serve` builds every part once and wires them.
 
 Start-up order: configuration, directories, logging, CPU placement
-(before any thread starts), spool recovery, users/aliases/TLS, listeners (bound while still root), privilege drop,
-then delivery and the admin API. The main thread then only waits for
-signals: SIGTERM/SIGINT stop (exit 0), SIGHUP reloads configuration,
-aliases, users and the TLS certificate without dropping connections.
+(before any thread starts), spool recovery, users/aliases/TLS, listeners
+(bound while still root), privilege drop, then delivery and the admin API.
+The main thread then only waits for signals: SIGTERM/SIGINT stop (exit 0),
+SIGHUP reloads configuration, aliases, users and the TLS certificate
+without dropping connections.
 Nothing else in mta reads signals or builds shared objects.
 """
 
