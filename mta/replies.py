@@ -10,7 +10,6 @@ text is made with `reply.fmt(...)` or `reply.with_text(...)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -33,19 +32,29 @@ class Reply:
     def with_text(self, text: str) -> "Reply":
         return Reply(self.code, self.enhanced, text)
 
-    @cached_property
+    @property
     def lines(self) -> tuple[str, ...]:
-        """The reply as wire lines without CRLF; multi-line text uses `\\n`.
-        Cached: most replies are constants of this table, sent again and again."""
-        parts = self.text.split("\n")
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        last = len(parts) - 1
-        return tuple(f"{self.code}{' ' if index == last else '-'}{prefix}{part}"
-                     for index, part in enumerate(parts))
+        """The reply as wire lines without CRLF; multi-line text uses `\\n`."""
+        return self._encoded()[0]
 
-    @cached_property
+    @property
     def wire(self) -> bytes:
-        return "".join(line + "\r\n" for line in self.lines).encode("utf-8", "replace")
+        return self._encoded()[1]
+
+    def _encoded(self) -> tuple[tuple[str, ...], bytes]:
+        # Kept on the instance: most replies are constants of this table,
+        # sent again and again (functools.cached_property would take a
+        # lock on each new reply, and fmt() makes one per use).
+        encoded = self.__dict__.get("_encoded_cache")
+        if encoded is None:
+            parts = self.text.split("\n")
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            last = len(parts) - 1
+            lines = tuple(f"{self.code}{' ' if index == last else '-'}{prefix}{part}"
+                          for index, part in enumerate(parts))
+            encoded = (lines, "".join(line + "\r\n" for line in lines).encode("utf-8", "replace"))
+            self.__dict__["_encoded_cache"] = encoded
+        return encoded
 
     def __str__(self) -> str:
         return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
