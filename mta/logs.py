@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from mta import safeio
+
 FORMAT = "%(asctime)s %(name)s[%(pid)s]: %(message)s"
 # A line about a message starts with its queue id (ARCHITECTURE.md habit 8,
 # like Postfix's "QUEUEID: to=<...>"), so `grep ^ID` finds its whole history;
@@ -112,8 +114,7 @@ class LogFile:
 
     def _write_all(self, data: bytes) -> None:
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
+            safeio.write_all(self.fd, data)
         except OSError as error:   # a full disk must not stop the daemon
             print(f"mta: cannot write {self.path}: {error.strerror}", file=sys.stderr)
 

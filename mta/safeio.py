@@ -14,6 +14,13 @@ import secrets
 from typing import Any
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -28,10 +35,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o640, *, sync_dir: bool = 
     temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -61,9 +65,7 @@ def write_new(path: str, data: bytes, mode: int = 0o640) -> None:
     directory nobody else can see yet; elsewhere use atomic_write."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

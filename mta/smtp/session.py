@@ -863,7 +863,7 @@ class Session:
         if not verify and not signing:
             return None
         small = content.size <= dkim.MAX_DKIM_SIZE
-        message = self._read_back(tx) if small and (signing or config.dkim_enabled or config.dmarc_enabled) else None
+        message = tx.message.read_back() if small and (signing or config.dkim_enabled or config.dmarc_enabled) else None
         headers = _header_fields(message) if message is not None else []
         prefix = b""
         if verify:
@@ -893,11 +893,6 @@ class Session:
                     tx.message.prepend(signature)
                     log.info("%s: DKIM-signed d=%s s=%s", tx.message.id, key[0], key[1])
         return None
-
-    def _read_back(self, tx: Transaction) -> bytes:
-        tx.message.flush()
-        with open(os.path.join(tx.message.path, "message.eml"), "rb") as handle:
-            return handle.read()
 
 
 def _header_fields(message: bytes) -> list[tuple[str, str]]:

@@ -159,12 +159,7 @@ class MessageWriter:
             self.flush()
 
     def flush(self) -> None:
-        view = memoryview(self._pending)
-        try:
-            while view:
-                view = view[os.write(self.fd, view):]
-        finally:
-            view.release()
+        safeio.write_all(self.fd, bytes(self._pending))
         self._pending.clear()
 
     def close(self) -> None:
@@ -197,8 +192,11 @@ class IncomingMessage:
         self.file.write(data)
         self.bytes_written += len(data)
 
-    def flush(self) -> None:
+    def read_back(self) -> bytes:
+        """The message received so far, as it will be queued."""
         self.file.flush()
+        with open(os.path.join(self.path, MESSAGE_FILE), "rb") as handle:
+            return handle.read()
 
     def prepend(self, headers: bytes, drop_authres_for: str | None = None) -> None:
         """Put trace headers above the message received so far (before commit).

@@ -12,7 +12,7 @@ import pytest
 from mta.cpus import CpuPlacement
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
-needs_two = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to choose from")
+needs_two = pytest.mark.skipif(len(ALLOWED) < 2, reason="one allowed CPU: confining or spreading threads changes nothing to observe")
 
 
 def in_thread(function):
