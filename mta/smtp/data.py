@@ -82,12 +82,13 @@ class Content:
         self.size += len(block)
         if self.error is not None:
             return
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        texts = block.split(b"\r\n")        # the lines without their CRLF, then b""
+        joined = b"".join(texts)
+        if b"\r" in joined or b"\n" in joined:  # a CR or LF that is not part of a CRLF
             self._fail(replies.BARE_NEWLINE)
             return
-        if len(block) > MAX_LINE and max(map(len, block.split(b"\n"))) >= MAX_LINE:
-            self._fail(replies.TEXT_LINE_TOO_LONG)   # a piece is its line without the LF
+        if len(block) > MAX_LINE and max(map(len, texts)) > MAX_LINE - 2:
+            self._fail(replies.TEXT_LINE_TOO_LONG)
             return
         self._store(block)
 
