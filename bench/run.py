@@ -124,7 +124,8 @@ def file_system(path: Path) -> str:
     with open("/proc/mounts") as handle:
         for line in handle:
             device, mount, kind = line.split()[:3]
-            if str(path).startswith(mount.rstrip("/") + "/") and len(mount) >= len(best[1]):
+            inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best[1]):
                 best = (device, mount, kind)
     device, mount, kind = best
     if kind == "ext4":
@@ -150,6 +151,15 @@ def machine(workdir: Path) -> dict:
             "file_system": file_system(workdir)}
 
 
+def tmpfs_dir() -> Path | None:
+    """A private directory on /dev/shm for the tmpfs ceiling, removed at exit."""
+    if file_system(Path("/dev/shm")).split()[0] != "tmpfs":
+        return None
+    path = Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/dev/shm"))
+    servers.on_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
 # --- the figures --------------------------------------------------------------------
 
 class Bench:
@@ -161,6 +171,7 @@ class Bench:
         self.sink_port = free_port()
         self.sink = Sink(self.sink_port)
         self.mta = Mta(workdir, free_port(), options=mta_options(args.mta_option))
+        self.tmpfs = tmpfs_dir()   # the ceiling of mta's own work: a spool that costs no disk
         self.postfix = Postfix(workdir, free_port(), self.sink_port)
         log(f"ports: mta {self.mta.port}, Postfix {self.postfix.port}, smtp-sink {self.sink_port}; work dir {workdir}")
         self.postfix.start()
@@ -229,8 +240,8 @@ class Bench:
     # 1: acceptance -------------------------------------------------------------------------
     def accept_once(self, who: str, size: int, sessions: int, count: int) -> dict:
         timeout = 30 + count / 10
-        if who == "mta":
-            self.mta.start()
+        if who in ("mta", "mta_tmpfs"):
+            self.mta.start(spool_under=self.tmpfs if who == "mta_tmpfs" else None)
             cpu = servers.cpu_seconds(self.mta.pid)
             run = clients.smtp_source(self.mta.port, sessions, count, size, timeout)
             run["cpu_s"] = round(servers.cpu_seconds(self.mta.pid) - cpu, 3)
@@ -252,9 +263,9 @@ class Bench:
         out = {}
         for (size, sessions), count in self.plan["accept"].items():
             key = f"{size_label(size)} x {sessions}"
-            runs = {"mta": [], "postfix": []}
+            runs = {"mta": [], "postfix": []} | ({"mta_tmpfs": []} if self.tmpfs else {})
             for rep in range(self.plan["reps"]):
-                for who in self.order(rep):
+                for who in self.order(rep) + tuple(runs)[2:]:
                     runs[who].append(self.accept_once(who, size, sessions, count))
             cell = {"count": count}
             for who in runs:
@@ -266,6 +277,8 @@ class Bench:
             log(f"accept {key} ({count} msgs): mta {cell['mta']['median']} msg/s, "
                 f"Postfix {cell['postfix']['median']} msg/s, ratio {cell['ratio']}; CPU per message: "
                 f"mta {cell['mta']['cpu_ms_per_msg']} ms, Postfix {cell['postfix']['cpu_ms_per_msg']} ms"
+                + (f"; mta on tmpfs {cell['mta_tmpfs']['median']} msg/s, "
+                   f"{cell['mta_tmpfs']['cpu_ms_per_msg']} ms" if "mta_tmpfs" in cell else "")
                 + self._errors(runs))
         self.results["figures"]["accept"] = out
 
@@ -453,6 +466,12 @@ def rows(results: dict) -> list[dict]:
         add("6 ceiling", "disk: create+write 1 KB+fsync+rename+dir fsync, 1 thread", None, None, "",
             ceiling["fsync_1_thread"], "", "/s")
         add("6 ceiling", "disk: same, 8 threads", None, None, "", ceiling["fsync_8_threads"], "", "/s")
+    for key, cell in figures.get("accept", {}).items():
+        if "mta_tmpfs" in cell:
+            add("6 ceiling", f"mta, spool on tmpfs (not durable), vs Postfix on disk, {key} sessions",
+                cell["mta_tmpfs"]["median"], cell["postfix"]["median"], "higher",
+                f"mta CPU {fmt(cell['mta_tmpfs']['cpu_ms_per_msg'])} ms/msg",
+                f"{cell['mta_tmpfs']['overflows']} / {cell['postfix']['overflows']}", "msg/s")
     return out
 
 
@@ -579,9 +598,13 @@ How it is measured (bench/run.py, bench/servers.py, bench/clients.py):
   `smtpd_data_restrictions = check_client_access static:HOLD`: cleanup(8)
   still writes and fsyncs the queue file before smtpd answers 250, but into
   the hold queue, which qmgr never schedules (no delivery attempt, no
-  deferred-queue churn). Queues are emptied between runs (`postsuper -d
-  ALL`; mta is restarted with an empty spool). The number of messages found
-  queued after each run is checked against the number sent.
+  deferred-queue churn). Every run starts on an empty queue: mta is
+  restarted on a new spool directory, Postfix's hold directory is moved
+  aside (then `postsuper -d ALL`). No queue is deleted until the bench
+  ends: on ext4 without a journal, inodes freed in the last 30 s are
+  skipped one by one when files are created, which slowed whichever server
+  ran just after a deletion. The number of messages found queued after each
+  run is checked against the number sent.
   smtp-source opens one connection per message (no -d).
 - Relay (2): time from starting smtp-source until smtp-sink has counted
   every message. mta: relayhost [127.0.0.1]:SINK, delivery_workers 10.
@@ -625,7 +648,9 @@ def write_report(results: dict, args) -> str:
           f"- work directory (both queues): {m['file_system']}",
           "", text, "",
           "mta/Postfix above 1 means mta is ahead where higher is better, and behind where lower is better. "
-          "The ceiling column is smtp-source against smtp-sink (no server work at all).",
+          "The ceiling column is smtp-source against smtp-sink (no server work at all). "
+          "The tmpfs rows run the same mta, in the same cells, with its spool on tmpfs: no disk "
+          "cost at all, so they bound what one mta process reaches on this machine.",
           "", notes,
           "Raw runs: `bench/results.json`; chart: `bench/results.png`.", ""]
     (BENCH_DIR / "RESULTS.md").write_text("\n".join(md))

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -229,12 +230,13 @@ class Mta:
         self._log = None
         on_cleanup(self.stop)
 
-    def start(self, wrapper: list[str] | None = None, **overrides) -> None:
-        """Start with a fresh spool; `wrapper` (e.g. py-spy record ... --) runs mta under a tool."""
+    def start(self, wrapper: list[str] | None = None, spool_under: Path | None = None, **overrides) -> None:
+        """Start with a fresh spool (in the work directory, or under `spool_under`);
+        `wrapper` (e.g. py-spy record ... --) runs mta under a tool."""
         self.stop()
         self.wrapped = bool(wrapper)
         self.generation += 1
-        self.spool = self.workdir / f"spool.{self.generation}"
+        self.spool = (spool_under or self.workdir) / f"spool.{self.generation}"
         settings = dict(self.BASE)
         settings.update({
             "port_relay": self.port,
@@ -299,8 +301,8 @@ class Mta:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self.spool is not None and self.spool.exists():
-            shutil.rmtree(self.spool, ignore_errors=True)
+        # The spool stays until the bench removes its work directory: see
+        # Postfix.clear_queue for why nothing is deleted between runs.
 
 
 # --- Postfix ----------------------------------------------------------------------
@@ -313,7 +315,7 @@ class Postfix:
     as usual (fsynced before smtpd says 250) but into the hold queue, which
     the queue manager never schedules, so nothing is delivered or deferred
     afterwards (the Postfix counterpart of mta's delivery_workers = 0).
-    `postsuper -d ALL` empties it between runs.
+    `clear_queue` empties it between runs.
     """
 
     def __init__(self, workdir: Path, port: int, sink_port: int):
@@ -326,6 +328,7 @@ class Postfix:
         self.sink_port = sink_port
         self.service = f"127.0.0.1:{port}/inet"
         self.running = False
+        self.aside = 0     # hold queues moved aside by clear_queue
         for path in (self.conf, self.queue, self.data, self.log.parent):
             path.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.data, "postfix")
@@ -409,6 +412,25 @@ class Postfix:
         self.postconf("-F", f"{self.service}/process_limit = {value}")
 
     def clear_queue(self) -> None:
+        """Empty the queue for the next run: held mail is moved out of the
+        queue directory, not deleted, and `postsuper -d ALL` removes what is
+        left elsewhere (normally nothing).
+
+        Deleting thousands of files just before a run would slow that run,
+        whichever server it measures: ext4 without a journal (this VM's root
+        fs) skips each inode freed in the last 30 seconds one by one when it
+        allocates a new one (fs/ext4/ialloc.c, recently_deleted). Both
+        servers' queues are therefore removed only with the work directory.
+        """
+        hold = self.queue / "hold"
+        if hold.is_dir() and any(os.scandir(hold)):
+            mode = hold.stat()
+            self.aside += 1
+            aside = self.base / "aside"
+            aside.mkdir(exist_ok=True)
+            os.rename(hold, aside / f"hold.{self.aside}")
+            os.mkdir(hold, stat.S_IMODE(mode.st_mode))
+            os.chown(hold, mode.st_uid, mode.st_gid)
         run_quiet(["postsuper", "-c", str(self.conf), "-d", "ALL"], timeout=300, check=False)
 
     def queued(self, queue: str = "hold") -> int:
