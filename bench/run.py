@@ -601,7 +601,7 @@ How it is measured (bench/run.py, bench/servers.py, bench/clients.py):
   deferred-queue churn). Every run starts on an empty queue: mta is
   restarted on a new spool directory, Postfix's hold directory is moved
   aside (then `postsuper -d ALL`). No queue is deleted until the bench
-  ends: on ext4 without a journal, inodes freed in the last 30 s are
+  ends: on ext4 without a journal, inodes freed in the last minute or more are
   skipped one by one when files are created, which slowed whichever server
   ran just after a deletion. The number of messages found queued after each
   run is checked against the number sent.

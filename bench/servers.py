@@ -418,8 +418,8 @@ class Postfix:
 
         Deleting thousands of files just before a run would slow that run,
         whichever server it measures: ext4 without a journal (this VM's root
-        fs) skips each inode freed in the last 30 seconds one by one when it
-        allocates a new one (fs/ext4/ialloc.c, recently_deleted). Both
+        fs) skips each inode freed in the last minute or more, one by one,
+        when it allocates a new one (fs/ext4/ialloc.c, recently_deleted). Both
         servers' queues are therefore removed only with the work directory.
         """
         hold = self.queue / "hold"
