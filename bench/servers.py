@@ -137,11 +137,11 @@ def children_of(ppid: int) -> list[int]:
             continue
         try:
             with open(f"/proc/{name}/stat") as handle:
-                stat = handle.read()
+                text = handle.read()
         except OSError:
             continue
         # comm may contain spaces or parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = text[text.rfind(")") + 2:].split()
         if len(fields) > 1 and int(fields[1]) == ppid:
             pids.append(int(name))
     return pids
@@ -424,13 +424,13 @@ class Postfix:
         """
         hold = self.queue / "hold"
         if hold.is_dir() and any(os.scandir(hold)):
-            mode = hold.stat()
+            info = hold.stat()
             self.aside += 1
             aside = self.base / "aside"
             aside.mkdir(exist_ok=True)
             os.rename(hold, aside / f"hold.{self.aside}")
-            os.mkdir(hold, stat.S_IMODE(mode.st_mode))
-            os.chown(hold, mode.st_uid, mode.st_gid)
+            os.mkdir(hold, stat.S_IMODE(info.st_mode))
+            os.chown(hold, info.st_uid, info.st_gid)
         run_quiet(["postsuper", "-c", str(self.conf), "-d", "ALL"], timeout=300, check=False)
 
     def queued(self, queue: str = "hold") -> int:
