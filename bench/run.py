@@ -263,9 +263,10 @@ class Bench:
         out = {}
         for (size, sessions), count in self.plan["accept"].items():
             key = f"{size_label(size)} x {sessions}"
-            runs = {"mta": [], "postfix": []} | ({"mta_tmpfs": []} if self.tmpfs else {})
+            ceiling = ("mta_tmpfs",) if self.tmpfs else ()   # after the pair, every repetition
+            runs = {who: [] for who in ("mta", "postfix", *ceiling)}
             for rep in range(self.plan["reps"]):
-                for who in self.order(rep) + tuple(runs)[2:]:
+                for who in self.order(rep) + ceiling:
                     runs[who].append(self.accept_once(who, size, sessions, count))
             cell = {"count": count}
             for who in runs:

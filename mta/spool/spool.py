@@ -185,7 +185,8 @@ class IncomingMessage:
                 break
             except FileExistsError:
                 continue
-        self.file = MessageWriter(os.path.join(self.path, MESSAGE_FILE), os.O_CREAT | os.O_EXCL)
+        self.message_path = os.path.join(self.path, MESSAGE_FILE)
+        self.file = MessageWriter(self.message_path, os.O_CREAT | os.O_EXCL)
         self.bytes_written = 0
 
     def write(self, data: bytes) -> None:
@@ -195,7 +196,7 @@ class IncomingMessage:
     def read_back(self) -> bytes:
         """The message received so far, as it will be queued."""
         self.file.flush()
-        with open(os.path.join(self.path, MESSAGE_FILE), "rb") as handle:
+        with open(self.message_path, "rb") as handle:
             return handle.read()
 
     def prepend(self, headers: bytes, drop_authres_for: str | None = None) -> None:
@@ -207,7 +208,7 @@ class IncomingMessage:
         """
         self.file.flush()
         self.file.close()
-        old_path = os.path.join(self.path, MESSAGE_FILE)
+        old_path = self.message_path
         new_path = old_path + ".new"
         with open(old_path, "rb") as source, open(new_path, "wb") as target:
             target.write(headers)
